@@ -1,0 +1,102 @@
+"""`unlearn` command line: parse, load the config, call one stage function, print its result."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from unlearning.errors import UserError
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def cmd_validate(args: argparse.Namespace) -> None:
+    from unlearning.config import dump_yaml, load_config
+
+    print(dump_yaml(load_config(args.config, args.overrides)), end="")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from unlearning.config import load_config
+    from unlearning.stages import prepare
+
+    cfg = load_config(args.config, args.overrides)
+    _quiet_libraries()
+    prepared = prepare(cfg)
+    info = prepared.info()
+    print(f"prepared {prepared.path} (fingerprint {prepared.fingerprint})")
+    for split, n in info["counts"].items():
+        print(f"  {split:<10} {n:>6} items  {info['entities'].get(split, 0):>5} entities")
+
+
+def cmd_build_models(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from unlearning.config import load_config
+    from unlearning.stages import build_models
+
+    cfg = load_config(args.config, args.overrides)
+    _quiet_libraries()
+    built = build_models(cfg)
+    s = built.summary
+    table = Table(title="Mean length-normalised answer probability")
+    splits = list(s["probability"]["target"])
+    table.add_column("model")
+    for split in splits:
+        table.add_column(split, justify="right")
+    for role in ("target", "oracle"):
+        table.add_row(role, *(f"{s['probability'][role][k]:.3f}" for k in splits))
+    console = Console()
+    for role, info in s["builds"].items():
+        how = "cached" if info["cached"] else f"built in {info['wall_s']:.0f} s ({info['steps']} steps)"
+        console.print(f"{role}: {s[role]}  [{how}, final loss {info['final_loss']:.3f}]")
+    console.print(table)
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
+    "validate": (cmd_validate, "check a config and print it resolved (every error at once)"),
+    "prepare": (cmd_prepare, "build the forget/retain/holdout/eval splits and the tokenizer"),
+    "build-models": (cmd_build_models, "build (or reuse) the target model and the retain oracle"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unlearn", description="Make a language model forget, and prove it.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (fn, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("config", help="experiment YAML, e.g. configs/demo.yaml")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.lr=1e-5 method.name=npo")
+        p.set_defaults(fn=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except UserError as e:
+        for problem in e.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""Experiment configuration: one flat YAML per experiment, validated before anything expensive runs.
+
+`load_config(path, overrides)` reads the YAML, applies `KEY=VALUE` overrides (values parsed as YAML, so
+`train.lr=1e-5`, `merge.lambdas=[1,5]`, `model.target=null` work), validates every section with pydantic
+(unknown keys rejected, with the valid keys listed) and the method's parameters against the method
+registry, and returns the resolved `ExperimentConfig`, or raises one `UserError` listing every problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from unlearning.errors import UserError
+
+Fraction = Annotated[float, Field(gt=0, lt=1, description="a fraction strictly between 0 and 1")]
+PositiveFloat = Annotated[float, Field(gt=0)]
+QA_COLUMNS = ("question", "answer", "paraphrased_question", "paraphrased_answer", "perturbed_answer")
+FILE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class SyntheticData(Strict):
+    """Built-in generator of fictitious people and facts (TOFU schema)."""
+
+    num_entities: int = Field(100, ge=3, description="invented people; split by person")
+    facts_per_entity: int = Field(6, ge=1, le=10, description="QA pairs per person (at most 10 kinds)")
+    num_perturbed: int = Field(3, ge=3, description="wrong answers of the same type per item")
+    num_utility: int = Field(30, ge=0, description="general (world) facts kept in every training set")
+    answer_style: Literal["short", "sentence"] = Field(
+        "short", description="short: the value ('Drulzeath.'); sentence: 'X was born in Drulzeath.'")
+
+
+class Template(Strict):
+    """How a QA pair becomes text. Prompt tokens are masked out of the labels."""
+
+    prompt: str = "Question: {question}\nAnswer:"
+    answer: str = " {answer}"
+    chat: bool = Field(False, description="use the tokenizer's chat template instead of `prompt`")
+
+    @pydantic.field_validator("prompt")
+    @classmethod
+    def _has_question(cls, v: str) -> str:
+        if "{question}" not in v:
+            raise ValueError("must contain the placeholder {question}")
+        return v
+
+    @pydantic.field_validator("answer")
+    @classmethod
+    def _has_answer(cls, v: str) -> str:
+        if "{answer}" not in v:
+            raise ValueError("must contain the placeholder {answer}")
+        return v
+
+
+class TokenizerConfig(Strict):
+    name: str | None = Field(
+        None, description="HF tokenizer name or path; default: the model's own, or trained locally for tiny"
+    )
+    vocab_size: int = Field(1024, ge=300, description="vocabulary of the locally trained tokenizer")
+
+
+class DataConfig(Strict):
+    source: Literal["synthetic", "hf", "files"] = "synthetic"
+    path: str | None = Field(None, description="source=hf: a hub dataset name or a local dataset path")
+    splits: dict[str, str] = Field(
+        default_factory=dict,
+        description="split -> 'config' or 'config:split' (source=hf), or a JSONL/CSV/Parquet path (files)",
+    )
+    columns: dict[str, str] = Field(default_factory=dict, description="our column -> the source's column")
+    forget_fraction: Fraction = 0.1
+    holdout_fraction: Fraction = 0.1
+    synthetic: SyntheticData = Field(default_factory=SyntheticData)
+    template: Template = Field(default_factory=Template)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    max_length: int = Field(128, ge=8)
+
+    @pydantic.model_validator(mode="after")
+    def _check_source(self) -> DataConfig:
+        problems = []
+        if self.source == "synthetic" and self.forget_fraction + self.holdout_fraction >= 1:
+            problems.append("forget_fraction + holdout_fraction must be < 1 to leave people to retain")
+        if self.source == "hf" and not self.path:
+            problems.append("source=hf needs data.path (a hub dataset name or a local dataset directory)")
+        if self.source in ("hf", "files"):
+            missing = [s for s in ("forget", "retain") if s not in self.splits]
+            if missing:
+                problems.append(f"source={self.source} needs data.splits.{{forget,retain}}; missing: {missing}")
+        if self.source == "files":
+            for split, spec in self.splits.items():
+                if Path(spec).suffix.lower() not in FILE_SUFFIXES:
+                    problems.append(
+                        f"splits.{split}: {spec!r} is not one of {sorted(FILE_SUFFIXES)}; convert it or rename"
+                    )
+        unknown = sorted(set(self.columns) - {*QA_COLUMNS, "entity"})
+        if unknown:
+            problems.append(f"columns: unknown {unknown}; map any of {[*QA_COLUMNS, 'entity']}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class TinyModel(Strict):
+    """A Llama-architecture model built from a config with random weights (the embedded default)."""
+
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int | None = None
+    intermediate_size: int = Field(512, ge=8)
+    tie_embeddings: bool = False
+
+    @pydantic.model_validator(mode="after")
+    def _heads_divide(self) -> TinyModel:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+        if self.num_kv_heads and self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} must be divisible by num_kv_heads {self.num_kv_heads}")
+        return self
+
+
+class Finetune(Strict):
+    """Recipe that builds both the target (forget ∪ retain ∪ utility) and the oracle (retain ∪ utility)."""
+
+    epochs: int = Field(30, ge=1)
+    lr: PositiveFloat = 2e-3
+    batch_size: int = Field(32, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+
+
+class ModelConfig(Strict):
+    base: str = Field("tiny", description="'tiny' (built from model.tiny) or any HF causal LM name or path")
+    tiny: TinyModel = Field(default_factory=TinyModel)
+    target: str | None = Field(None, description="existing target checkpoint; skips building it")
+    oracle: str | None = Field(None, description="existing retain-oracle checkpoint; skips building it")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    finetune: Finetune = Field(default_factory=Finetune)
+
+
+class MethodConfig(BaseModel):
+    """`name` plus the method's own parameters (its keyword-only arguments, checked by the registry).
+
+    `gamma` and `alpha` weigh the forget and retain losses, `retain_loss` picks the retain term; left
+    empty they take the method's registered defaults, which the resolved config then shows.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = "graddiff"
+    gamma: float | None = Field(None, ge=0)
+    alpha: float | None = Field(None, ge=0)
+    retain_loss: Literal["nll", "kl", "none"] | None = None
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class LoraConfig(Strict):
+    enabled: bool = False
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class StopConfig(Strict):
+    forget_loss_bound: float | None = Field(None, description="stop once the forget NLL exceeds this")
+    utility_floor: float | None = Field(None, description="stop once retain probability falls below this")
+    utility_every: int = Field(5, ge=1, description="steps between utility-floor checks")
+
+
+class TrainConfig(Strict):
+    """Unlearning run: DeepSpeed engine, schedule and stopping rules."""
+
+    lr: PositiveFloat = 1e-4
+    max_steps: int = Field(20, ge=1)
+    batch_size: int = Field(4, ge=1, description="micro-batch per rank")
+    grad_accum: int = Field(1, ge=1)
+    num_processes: int = Field(1, ge=1, description="ranks per node")
+    num_nodes: int = Field(1, ge=1)
+    hostfile: str | None = None
+    launcher: Literal["torchrun", "deepspeed"] = "torchrun"
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload: Literal["none", "optimizer", "all"] = "none"
+    bf16: bool = False
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(0, ge=0, description="steps between DeepSpeed checkpoints; 0: only at end")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    stop: StopConfig = Field(default_factory=StopConfig)
+
+
+class MergeConfig(Strict):
+    lambdas: list[float] = Field(default_factory=lambda: [1.0, 2.0, 5.0])
+
+
+class EvalConfig(Strict):
+    suite: str = "tofu"
+    batch_size: int = Field(32, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
+
+
+class TrackingConfig(Strict):
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str | None = Field(None, description="MLflow experiment; default: the config's name")
+
+
+class ExperimentConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = 0
+    output_dir: str | None = Field(None, description="default: runs/<name>")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir or f"runs/{self.name}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    """Turn `a.b.c=value` strings into (path, value) pairs, the value parsed as YAML."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+            raise UserError(f"override {item!r} is not KEY=VALUE with a dotted key, e.g. train.lr=1e-5")
+        parsed.append((key.split("."), yaml.safe_load(raw) if raw.strip() else ""))
+    return parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `raw` with each `KEY=VALUE` override set (creating sections as needed)."""
+    result = json.loads(json.dumps(raw))
+    for path, value in parse_overrides(overrides):
+        node = result
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"override {'.'.join(path)}: {'.'.join(path[: i + 1])} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the (sub)model that `loc`'s parent points into."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _format_errors(e: pydantic.ValidationError) -> list[str]:
+    problems = []
+    for err in e.errors():
+        loc = tuple(p for p in err["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            problems.append(f"{key}: unknown key; valid keys here: {', '.join(_valid_keys(ExperimentConfig, loc))}")
+        elif err["type"] == "missing":
+            problems.append(f"{key}: required but missing")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            shown = "" if isinstance(err.get("input"), dict) else f" (got {err.get('input')!r})"
+            problems.append(f"{key}: {msg}{shown}")
+    return problems
+
+
+def _resolve_method(raw_method: Any) -> tuple[dict[str, Any], list[str]]:
+    """Validate the method's parameters against its registered function; fill in its defaults."""
+    from unlearning.methods import METHODS  # the registry needs torch; import only when validating
+
+    if not isinstance(raw_method, dict):
+        return {}, ["method: must be a section with at least `name`"]
+    core = {k: raw_method[k] for k in ("name", "gamma", "alpha", "retain_loss") if k in raw_method}
+    name = core.get("name", MethodConfig.model_fields["name"].default)
+    extra = {k: v for k, v in raw_method.items() if k not in core}
+    params, problems = METHODS.validate(name, extra, where="method")
+    if problems:
+        return {}, problems
+    meta = METHODS.get(name).meta
+    resolved = {
+        "name": name,
+        "gamma": core.get("gamma") if core.get("gamma") is not None else meta.get("gamma", 1.0),
+        "alpha": core.get("alpha") if core.get("alpha") is not None else meta.get("alpha", 0.0),
+        "retain_loss": core.get("retain_loss") or meta.get("retain_loss", "none"),
+    }
+    return {**resolved, **params}, []
+
+
+def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
+    """Validate a raw config mapping; raise one `UserError` with every problem found."""
+    if not isinstance(raw, dict):
+        raise UserError("the config must be a YAML mapping of sections (name, data, model, ...)")
+    problems: list[str] = []
+    method, method_problems = _resolve_method(raw.get("method", {}))
+    problems += method_problems
+    try:
+        cfg = ExperimentConfig.model_validate({**raw, "method": method} if method else raw)
+    except pydantic.ValidationError as e:
+        problems += _format_errors(e)
+        raise UserError(problems) from e
+    if problems:
+        raise UserError(problems)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment file, apply `KEY=VALUE` overrides and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {str(path)!r} not found; pass the path of a YAML file such as configs/demo.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from e
+    if isinstance(raw, dict):
+        raw.setdefault("name", path.stem)
+    return validate_config(apply_overrides(raw, overrides or []))
+
+
+def content_hash(*parts: Any, length: int = 16) -> str:
+    """Stable hash of JSON-serialisable parts (sorted keys); used for fingerprints and cache keys."""
+    blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def dump_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,129 @@
+"""Load forget/retain/holdout/eval splits from the generator, `datasets` (hub or local) or user files.
+
+Every source ends as `{split: [record, ...]}` in the TOFU schema: `question`, `answer` and, when the
+source has them, `paraphrased_question`, `paraphrased_answer`, `perturbed_answer` (list of strings) and
+`entity`. `data.columns` maps our column names to the source's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from unlearning.config import FILE_SUFFIXES, QA_COLUMNS, DataConfig, ExperimentConfig
+from unlearning.data import synthetic
+from unlearning.errors import UserError, raise_if
+
+REQUIRED_COLUMNS = ("question", "answer")
+
+
+def _hf_split(path: str, spec: str) -> Any:
+    """Load `config[:split]` of a hub dataset or local dataset directory (the same call for both)."""
+    import datasets
+
+    config, _, split = spec.partition(":")
+    local = Path(path)
+    try:
+        if (local / "dataset_dict.json").is_file():  # a DatasetDict written by save_to_disk
+            return datasets.load_from_disk(str(local))[config]
+        return datasets.load_dataset(path, name=config or None, split=split or "train")
+    except Exception as e:  # datasets raises many types (hub, config, file errors)
+        raise UserError(
+            f"data.splits: could not load config {config!r} split {split or 'train'!r} of {path!r}: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Check the name and config, or "
+            "download the dataset and point data.path at the local copy"
+        ) from e
+
+
+def _file_split(spec: str) -> Any:
+    import datasets
+
+    builder = FILE_SUFFIXES[Path(spec).suffix.lower()]
+    try:
+        return datasets.load_dataset(builder, data_files=spec, split="train")
+    except Exception as e:
+        raise UserError(f"data.splits: could not read {spec!r} as {builder}: {type(e).__name__}: {e}") from e
+
+
+def _as_list(value: Any) -> list[str]:
+    """Perturbed answers may arrive as a list, a JSON list in a string (CSV), or one string."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return [str(v) for v in json.loads(text)]
+            except json.JSONDecodeError:
+                pass
+        return [text] if text else []
+    return [str(v) for v in value]
+
+
+def normalize(rows: list[dict[str, Any]], columns: dict[str, str], split: str) -> list[dict[str, Any]]:
+    """Rename the source's columns to ours and check the required ones are present and non-empty."""
+    if not rows:
+        return []
+    available = sorted(rows[0])
+    problems = []
+    for ours in REQUIRED_COLUMNS:
+        theirs = columns.get(ours, ours)
+        if theirs not in rows[0]:
+            problems.append(f"split {split!r} has no column {theirs!r} for {ours!r}; available: {available}; "
+                            f"map it with data.columns.{ours}=<column>")
+    raise_if(problems)
+    out = []
+    for i, row in enumerate(rows):
+        rec: dict[str, Any] = {}
+        for ours in (*QA_COLUMNS, "entity"):
+            theirs = columns.get(ours, ours)
+            if theirs in row and row[theirs] is not None:
+                rec[ours] = _as_list(row[theirs]) if ours == "perturbed_answer" else str(row[theirs])
+        if not rec["question"].strip() or not rec["answer"].strip():
+            raise UserError(f"split {split!r} row {i}: empty question or answer; remove or fill the row")
+        out.append(rec)
+    return out
+
+
+def check_files(data: DataConfig) -> None:
+    """Every file named in data.splits exists (checked before anything is loaded)."""
+    if data.source != "files":
+        return
+    missing = [f"data.splits.{s}: file {p!r} not found" for s, p in data.splits.items() if not Path(p).is_file()]
+    raise_if(missing)
+
+
+def check_overlap(splits: dict[str, list[dict[str, Any]]]) -> None:
+    """Forget and retain must not share a QA pair, nor forget and holdout (it would leak membership)."""
+    def key(r: dict[str, Any]) -> tuple[str, str]:
+        return (" ".join(r["question"].lower().split()), " ".join(r["answer"].lower().split()))
+
+    forget = {key(r) for r in splits.get("forget", [])}
+    problems = []
+    for other in ("retain", "holdout"):
+        shared = [k for k in (key(r) for r in splits.get(other, [])) if k in forget]
+        if shared:
+            problems.append(f"{len(shared)} QA pairs are in both forget and {other} (first: {shared[0][0]!r}); "
+                            f"remove them from one of the two splits")
+    raise_if(problems)
+
+
+def load_records(cfg: ExperimentConfig) -> dict[str, list[dict[str, Any]]]:
+    """The splits of the configured source, normalised and checked (non-empty forget, no overlap)."""
+    data = cfg.data
+    if data.source == "synthetic":
+        splits = synthetic.generate(data.synthetic, data.forget_fraction, data.holdout_fraction, cfg.seed)
+    else:
+        check_files(data)
+        splits = {}
+        for split, spec in data.splits.items():
+            ds = _hf_split(data.path or "", spec) if data.source == "hf" else _file_split(spec)
+            splits[split] = normalize(ds.to_list(), data.columns, split)
+    if not splits.get("forget"):
+        raise UserError("the forget split is empty; point data.splits.forget at a non-empty split "
+                        "or raise data.forget_fraction")
+    if not splits.get("retain"):
+        raise UserError("the retain split is empty; the oracle is trained on it, so it must have rows")
+    check_overlap(splits)
+    return splits

@@ -1,0 +1,128 @@
+"""The prepare stage: splits + tokenizer + encoded answers, saved under a content fingerprint.
+
+Output: `<output_dir>/data/<fingerprint>/` holding `splits/` (a `datasets.DatasetDict` written by
+`save_to_disk`, one split each of forget / retain / holdout / utility / extra eval sets), `tokenizer/`
+and `fingerprint.json`. The fingerprint covers the records (so the source and its revision), the
+tokenizer, the template, the maximum length and the seed: same inputs, same directory, reused as is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from unlearning.config import ExperimentConfig, content_hash
+from unlearning.data.loaders import load_records
+from unlearning.data.tokenize import encode_prompt, encode_qa, load_tokenizer, train_tokenizer
+from unlearning.errors import UserError
+
+FORMAT_VERSION = 1  # bump when the encoding changes, so old caches are not trusted
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A prepared dataset directory and its fingerprint."""
+
+    path: Path
+    fingerprint: str
+
+    def splits(self) -> Any:
+        import datasets
+
+        return datasets.load_from_disk(str(self.path / "splits"))
+
+    def tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.path / "tokenizer"))
+
+    def info(self) -> dict[str, Any]:
+        return json.loads((self.path / "fingerprint.json").read_text())
+
+
+def tokenizer_source(cfg: ExperimentConfig) -> str | None:
+    """Where the tokenizer comes from: a name/path, or None to train one locally (tiny default)."""
+    if cfg.data.tokenizer.name:
+        return cfg.data.tokenizer.name
+    if cfg.model.base != "tiny":
+        return cfg.model.base
+    return cfg.model.target
+
+
+def _texts(records: dict[str, list[dict[str, Any]]]) -> list[str]:
+    texts = []
+    for rows in records.values():
+        for r in rows:
+            texts += [r["question"], r["answer"], r.get("paraphrased_question", ""), r.get("paraphrased_answer", "")]
+            texts += r.get("perturbed_answer", [])
+    return [t for t in texts if t]
+
+
+def _template_texts(cfg: ExperimentConfig) -> list[str]:
+    # The template's own words, so the trained tokenizer encodes them compactly.
+    return [cfg.data.template.prompt.format(question=""), cfg.data.template.answer.format(answer="")]
+
+
+def _encode(records: dict[str, list[dict[str, Any]]], tokenizer: Any, cfg: ExperimentConfig) -> dict[str, list]:
+    tpl, max_len = cfg.data.template, cfg.data.max_length
+    too_long = [r["question"] for rows in records.values() for r in rows
+                if len(encode_prompt(tokenizer, tpl, r["question"])) >= max_len]
+    if too_long:
+        raise UserError(f"{len(too_long)} prompts are at least data.max_length={max_len} tokens long "
+                        f"(first: {too_long[0][:60]!r}); raise data.max_length or shorten the template")
+    return {split: [{**r, **encode_qa(tokenizer, tpl, r["question"], r["answer"], max_len)} for r in rows]
+            for split, rows in records.items()}
+
+
+def prepare(cfg: ExperimentConfig) -> PreparedData:
+    """Load, check, tokenize and save the splits; reuse the saved copy when the fingerprint matches."""
+    records = load_records(cfg)
+    records_hash = content_hash(records)
+    source = tokenizer_source(cfg)
+    tokenizer = load_tokenizer(source, cfg.model.trust_remote_code) if source else None
+    if tokenizer is not None:
+        tok_id: tuple = ("pretrained", source, content_hash(tokenizer.backend_tokenizer.to_str(),
+                                                            getattr(tokenizer, "chat_template", None)))
+    else:
+        tok_id = ("trained-bpe", cfg.data.tokenizer.vocab_size, records_hash)
+    fingerprint = content_hash(FORMAT_VERSION, records_hash, tok_id, cfg.data.template.model_dump(),
+                               cfg.data.max_length, cfg.seed)
+    out = cfg.out / "data" / fingerprint
+    if (out / "fingerprint.json").is_file():
+        return PreparedData(out, fingerprint)
+
+    if tokenizer is None:
+        texts = _texts(records)
+        tokenizer = train_tokenizer(texts + _template_texts(cfg) * (len(texts) // 5), cfg.data.tokenizer.vocab_size)
+    encoded = _encode(records, tokenizer, cfg)
+    _write(out, encoded, tokenizer, {
+        "fingerprint": fingerprint,
+        "source": cfg.data.source,
+        "data": cfg.data.model_dump(mode="json"),
+        "tokenizer": list(tok_id),
+        "seed": cfg.seed,
+        "counts": {split: len(rows) for split, rows in encoded.items()},
+        "entities": {split: len({r.get("entity") for r in rows} - {None}) for split, rows in encoded.items()},
+    })
+    return PreparedData(out, fingerprint)
+
+
+def _write(out: Path, encoded: dict[str, list], tokenizer: Any, info: dict[str, Any]) -> None:
+    """Write to a temporary sibling and rename it into place, so a crash never leaves a half dataset."""
+    import datasets
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    datasets.DatasetDict({s: datasets.Dataset.from_list(rows) for s, rows in encoded.items()}).save_to_disk(
+        str(tmp / "splits"))
+    tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    (tmp / "fingerprint.json").write_text(json.dumps(info, indent=2))
+    if out.exists():  # a concurrent writer finished first with identical content
+        shutil.rmtree(tmp)
+        return
+    os.replace(tmp, out)

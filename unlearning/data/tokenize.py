@@ -1,0 +1,99 @@
+"""Tokenizers and QA encoding with answer-only labels.
+
+`encode_qa` renders a QA pair through the template (or the tokenizer's chat template), appends EOS and
+sets every prompt position's label to `IGNORE_INDEX`, so losses and metrics see answer tokens only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from unlearning.config import Template
+from unlearning.errors import UserError
+from unlearning.methods.logprobs import IGNORE_INDEX
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
+    """Train a byte-level BPE tokenizer on `texts`; returns a `PreTrainedTokenizerFast` that adds BOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    bos = SPECIAL_TOKENS["bos_token"]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    """Load a model's tokenizer; give it a pad token (EOS) when it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise UserError(f"could not load a tokenizer from {name_or_path!r}: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}; set data.tokenizer.name to a valid "
+                        "tokenizer name or path") from e
+    if tok.eos_token_id is None:
+        raise UserError(f"tokenizer {name_or_path!r} has no EOS token; answers must end with one")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _ids(encoded: Any) -> list[int]:
+    # transformers may return a list or a BatchEncoding depending on the call and version.
+    return list(encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded)
+
+
+def encode_prompt(tokenizer: Any, template: Template, question: str) -> list[int]:
+    """Token ids of the prompt that precedes the answer (BOS included when the tokenizer adds one)."""
+    if template.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError("data.template.chat=true but the tokenizer has no chat template; set it to false")
+        messages = [{"role": "user", "content": question}]
+        return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    return _ids(tokenizer(template.prompt.format(question=question), add_special_tokens=True))
+
+
+def encode_qa(tokenizer: Any, template: Template, question: str, answer: str, max_length: int) -> dict[str, list[int]]:
+    """Encode one QA pair.
+
+    Returns:
+        `input_ids` = prompt + answer + EOS (truncated to `max_length`), `labels` equal to it on the
+        answer and EOS positions and `IGNORE_INDEX` on the prompt, and `attention_mask` of ones.
+    """
+    prompt = encode_prompt(tokenizer, template, question)
+    answer_ids = _ids(tokenizer(template.answer.format(answer=answer), add_special_tokens=False))
+    answer_ids.append(tokenizer.eos_token_id)
+    ids = (prompt + answer_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt) + answer_ids)[:max_length]
+    return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}
+
+
+def collate(features: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of encoded examples into (B, T) tensors; padding is masked in the labels."""
+    width = max(len(f["input_ids"]) for f in features)
+    batch = {"input_ids": [], "labels": [], "attention_mask": []}
+    for f in features:
+        pad = width - len(f["input_ids"])
+        batch["input_ids"].append(list(f["input_ids"]) + [pad_id] * pad)
+        batch["labels"].append(list(f["labels"]) + [IGNORE_INDEX] * pad)
+        batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * pad)
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}

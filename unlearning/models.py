@@ -1,0 +1,179 @@
+"""The build-models stage: the target (knows the facts) and the retain oracle (never saw the forget set).
+
+Both come from the same recipe and seed: a tiny Llama-architecture model built from `model.tiny` (the
+embedded default) or any `from_pretrained` causal LM (`model.base`), fine-tuned on forget ∪ retain
+(target) or retain only (oracle); for the synthetic benchmark the world-fact utility set is in both.
+Existing checkpoints (`model.target`, `model.oracle`) are used as they are. Built models are saved as
+safetensors HF directories named by a hash of everything that went into them, so a rerun with the same
+inputs skips the training and a changed config never overwrites an earlier model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from unlearning.config import ExperimentConfig, content_hash
+from unlearning.data.prepare import PreparedData, prepare
+from unlearning.data.tokenize import collate
+from unlearning.errors import UserError, raise_if
+from unlearning.evaluate.probes import answer_logprobs, normalised_probability
+from unlearning.train.engine import TorchEngine
+from unlearning.train.loop import nll_objective, run_loop
+
+BUILD_VERSION = 1
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class BuiltModels:
+    target: Path
+    oracle: Path
+    summary: dict[str, Any]
+
+
+def training_splits(cfg: ExperimentConfig, role: str) -> list[str]:
+    """Splits a role is fine-tuned on; the synthetic world facts stay in both (a utility measure)."""
+    base = ["forget", "retain"] if role == "target" else ["retain"]
+    return [*base, "utility"] if cfg.data.source == "synthetic" else base
+
+
+def tiny_llama(cfg: ExperimentConfig, tokenizer: Any) -> Any:
+    """A randomly initialised Llama model sized by `model.tiny`, its vocabulary fitted to the tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    t = cfg.model.tiny
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
+        num_key_value_heads=t.num_kv_heads or t.num_heads, max_position_embeddings=cfg.data.max_length,
+        tie_word_embeddings=t.tie_embeddings, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(cfg.seed)
+    return LlamaForCausalLM(config)
+
+
+def load_causal_lm(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False) -> Any:
+    """Load any HF causal LM (safetensors weights) by name or path."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True)
+    except Exception as e:
+        raise UserError(f"could not load a causal LM from {str(path)!r}: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}") from e
+
+
+def vocab_problems(cfg: ExperimentConfig, tokenizer: Any) -> list[str]:
+    """The tokenizer's ids must fit every model we will load (checked from configs, no weights read)."""
+    from transformers import AutoConfig
+
+    sources = {"model.target": cfg.model.target, "model.oracle": cfg.model.oracle,
+               "model.base": None if cfg.model.base == "tiny" else cfg.model.base}
+    problems = []
+    for key, src in sources.items():
+        if not src:
+            continue
+        try:
+            mcfg = AutoConfig.from_pretrained(src, trust_remote_code=cfg.model.trust_remote_code)
+        except Exception as e:
+            problems.append(f"{key}: no model config at {src!r} ({type(e).__name__}); give a checkpoint "
+                            "directory with config.json or a valid model name")
+            continue
+        vocab = getattr(mcfg, "vocab_size", None) or getattr(mcfg.get_text_config(), "vocab_size", 0)
+        if len(tokenizer) > vocab:
+            problems.append(f"{key}: the tokenizer has {len(tokenizer)} tokens but {src!r} embeds only {vocab}; "
+                            "use the model's own tokenizer (unset data.tokenizer.name) or resize the model")
+    return problems
+
+
+def _batches(rows: list[dict[str, Any]], batch_size: int, pad_id: int, seed: int):
+    """Endless micro-batches, reshuffled every epoch from a seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(len(rows), generator=gen).tolist()
+        for i in range(0, len(perm) - batch_size + 1 if len(perm) >= batch_size else 1, batch_size):
+            yield collate([rows[j] for j in perm[i:i + batch_size]], pad_id)
+
+
+def finetune(cfg: ExperimentConfig, prepared: PreparedData, role: str, out: Path) -> dict[str, Any]:
+    """Fine-tune a fresh base model on the role's splits and save it (atomically) to `out`."""
+    splits, tokenizer = prepared.splits(), prepared.tokenizer()
+    rows = [r for s in training_splits(cfg, role) for r in splits[s]]
+    ft = cfg.model.finetune
+    model = tiny_llama(cfg, tokenizer) if cfg.model.base == "tiny" else load_causal_lm(
+        cfg.model.base, cfg.model.dtype, cfg.model.trust_remote_code)
+    steps_per_epoch = max(1, len(rows) // ft.batch_size)
+    total = steps_per_epoch * ft.epochs
+    engine = TorchEngine(model, lr=ft.lr, weight_decay=ft.weight_decay, max_grad_norm=ft.max_grad_norm,
+                         grad_accum=1, total_steps=total, warmup_ratio=ft.warmup_ratio)
+    result = run_loop(engine, _batches(rows, ft.batch_size, tokenizer.pad_token_id, cfg.seed), nll_objective,
+                      max_steps=total, grad_accum=1, desc=f"build {role}")
+    info = {"role": role, "splits": training_splits(cfg, role), "examples": len(rows), "steps": result.steps,
+            "epochs": ft.epochs, "final_loss": float(np.mean([h["loss"] for h in result.history[-steps_per_epoch:]])),
+            "wall_s": round(result.wall_s, 2), "tokens_per_s": round(result.tokens_per_s, 1),
+            "data_fingerprint": prepared.fingerprint}
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / "build.json").write_text(json.dumps(info, indent=2))  # written last: marks a complete model
+    os.replace(tmp, out)
+    return info
+
+
+def probabilities(model_dir: Path, prepared: PreparedData, cfg: ExperimentConfig) -> dict[str, float]:
+    """Mean length-normalised answer probability of a model on each prepared split."""
+    model = load_causal_lm(model_dir, cfg.model.dtype, cfg.model.trust_remote_code)
+    splits, pad = prepared.splits(), prepared.tokenizer().pad_token_id
+    out = {}
+    for name in splits:
+        logp, n = answer_logprobs(model, splits[name], pad_id=pad, batch_size=cfg.eval.batch_size)
+        out[name] = round(float(normalised_probability(logp, n).mean()), 4)
+    return out
+
+
+def build_models(cfg: ExperimentConfig) -> BuiltModels:
+    """Prepare data, then build (or reuse) the target and the retain oracle; write `models/summary.json`."""
+    prepared = prepare(cfg)
+    tokenizer = prepared.tokenizer()
+    problems = vocab_problems(cfg, tokenizer)
+    for key in ("target", "oracle"):
+        src = getattr(cfg.model, key)
+        if src and Path(src).exists() and not (Path(src) / "config.json").is_file():
+            problems.append(f"model.{key}: {src!r} has no config.json; point it at an HF checkpoint directory")
+    raise_if(problems)
+
+    paths, built = {}, {}
+    for role in ("target", "oracle"):
+        given = getattr(cfg.model, role)
+        if given:
+            paths[role] = Path(given)
+            continue
+        key = content_hash(BUILD_VERSION, prepared.fingerprint, cfg.model.base, cfg.model.tiny.model_dump(),
+                           cfg.model.finetune.model_dump(), cfg.model.dtype, cfg.seed, training_splits(cfg, role))
+        out = cfg.out / "models" / f"{role}-{key}"
+        paths[role] = out
+        if (out / "build.json").is_file():
+            built[role] = {**json.loads((out / "build.json").read_text()), "cached": True}
+            continue
+        out.parent.mkdir(parents=True, exist_ok=True)
+        built[role] = {**finetune(cfg, prepared, role, out), "cached": False}
+
+    start = time.perf_counter()
+    probs = {role: probabilities(p, prepared, cfg) for role, p in paths.items()}
+    summary = {"target": str(paths["target"]), "oracle": str(paths["oracle"]), "data": str(prepared.path),
+               "builds": built, "probability": probs, "probe_s": round(time.perf_counter() - start, 2)}
+    (cfg.out / "models").mkdir(parents=True, exist_ok=True)
+    (cfg.out / "models" / "summary.json").write_text(json.dumps(summary, indent=2))
+    return BuiltModels(paths["target"], paths["oracle"], summary)

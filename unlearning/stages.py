@@ -1,0 +1,8 @@
+"""Typed stage functions: the one entry point of each pipeline stage for the CLI, Prefect and tests."""
+
+from __future__ import annotations
+
+from unlearning.data.prepare import PreparedData, prepare
+from unlearning.models import BuiltModels, build_models
+
+__all__ = ["BuiltModels", "PreparedData", "build_models", "prepare"]
