@@ -65,7 +65,7 @@ def cmd_build_models(args: argparse.Namespace) -> None:
     console = Console()
     for role, info in s["builds"].items():
         how = "cached" if info["cached"] else f"built in {info['wall_s']:.0f} s ({info['steps']} steps)"
-        console.print(f"{role}: {s[role]}  [{how}, final loss {info['final_loss']:.3f}]")
+        console.print(f"{role}: {s[role]}  ({how}, final loss {info['final_loss']:.3f})", markup=False)
     console.print(table)
 
 

@@ -74,22 +74,28 @@ def load_causal_lm(path: str | Path, dtype: str = "float32", trust_remote_code: 
                         f"{str(e).splitlines()[0] if str(e) else ''}") from e
 
 
-def vocab_problems(cfg: ExperimentConfig, tokenizer: Any) -> list[str]:
-    """The tokenizer's ids must fit every model we will load (checked from configs, no weights read)."""
+def model_configs(cfg: ExperimentConfig) -> tuple[dict[str, Any], list[str]]:
+    """The HF config of every model the run loads (no weights read), or a problem per missing one."""
     from transformers import AutoConfig
 
     sources = {"model.target": cfg.model.target, "model.oracle": cfg.model.oracle,
                "model.base": None if cfg.model.base == "tiny" else cfg.model.base}
-    problems = []
+    configs, problems = {}, []
     for key, src in sources.items():
         if not src:
             continue
         try:
-            mcfg = AutoConfig.from_pretrained(src, trust_remote_code=cfg.model.trust_remote_code)
+            configs[key] = (src, AutoConfig.from_pretrained(src, trust_remote_code=cfg.model.trust_remote_code))
         except Exception as e:
-            problems.append(f"{key}: no model config at {src!r} ({type(e).__name__}); give a checkpoint "
-                            "directory with config.json or a valid model name")
-            continue
+            problems.append(f"{key}: no model config at {src!r} ({type(e).__name__}); give an HF checkpoint "
+                            "directory (with config.json) or a valid model name")
+    return configs, problems
+
+
+def vocab_problems(configs: dict[str, Any], tokenizer: Any) -> list[str]:
+    """The tokenizer's ids must fit the embedding of every model we will load."""
+    problems = []
+    for key, (src, mcfg) in configs.items():
         vocab = getattr(mcfg, "vocab_size", None) or getattr(mcfg.get_text_config(), "vocab_size", 0)
         if len(tokenizer) > vocab:
             problems.append(f"{key}: the tokenizer has {len(tokenizer)} tokens but {src!r} embeds only {vocab}; "
@@ -145,14 +151,10 @@ def probabilities(model_dir: Path, prepared: PreparedData, cfg: ExperimentConfig
 
 def build_models(cfg: ExperimentConfig) -> BuiltModels:
     """Prepare data, then build (or reuse) the target and the retain oracle; write `models/summary.json`."""
-    prepared = prepare(cfg)
-    tokenizer = prepared.tokenizer()
-    problems = vocab_problems(cfg, tokenizer)
-    for key in ("target", "oracle"):
-        src = getattr(cfg.model, key)
-        if src and Path(src).exists() and not (Path(src) / "config.json").is_file():
-            problems.append(f"model.{key}: {src!r} has no config.json; point it at an HF checkpoint directory")
+    configs, problems = model_configs(cfg)
     raise_if(problems)
+    prepared = prepare(cfg)
+    raise_if(vocab_problems(configs, prepared.tokenizer()))
 
     paths, built = {}, {}
     for role in ("target", "oracle"):

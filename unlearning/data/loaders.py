@@ -86,12 +86,28 @@ def normalize(rows: list[dict[str, Any]], columns: dict[str, str], split: str) -
     return out
 
 
+def _has_rows(path: Path) -> bool:
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        return path.stat().st_size > 0 and pq.read_metadata(path).num_rows > 0
+    with path.open("rb") as f:
+        lines = [line for _, line in zip(range(3), f) if line.strip()]
+    return len(lines) > (1 if path.suffix.lower() == ".csv" else 0)  # a CSV's first line is its header
+
+
 def check_files(data: DataConfig) -> None:
-    """Every file named in data.splits exists (checked before anything is loaded)."""
+    """Every file named in data.splits exists and has rows (checked before anything is loaded)."""
     if data.source != "files":
         return
-    missing = [f"data.splits.{s}: file {p!r} not found" for s, p in data.splits.items() if not Path(p).is_file()]
-    raise_if(missing)
+    problems = []
+    for split, spec in data.splits.items():
+        path = Path(spec)
+        if not path.is_file():
+            problems.append(f"data.splits.{split}: file {spec!r} not found")
+        elif not _has_rows(path):
+            problems.append(f"data.splits.{split}: file {spec!r} has no rows; fill it or point at another file")
+    raise_if(problems)
 
 
 def check_overlap(splits: dict[str, list[dict[str, Any]]]) -> None:

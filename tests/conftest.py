@@ -1,0 +1,44 @@
+"""Shared fixtures: pico experiment configs that run the real code paths in seconds on a CPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pico_raw(out: Path, **sections: Any) -> dict[str, Any]:
+    """A raw config for a pico run: 12 people, a 2-layer 32-wide Llama, a few epochs."""
+    raw: dict[str, Any] = {
+        "name": "pico",
+        "seed": 0,
+        "output_dir": str(out),
+        "data": {"forget_fraction": 0.25, "holdout_fraction": 0.25, "max_length": 48,
+                 "synthetic": {"num_entities": 12, "facts_per_entity": 4, "num_utility": 6},
+                 "tokenizer": {"vocab_size": 400}},
+        "model": {"tiny": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64},
+                  "finetune": {"epochs": 2, "batch_size": 8, "lr": 3e-3}},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return raw
+
+
+@pytest.fixture
+def pico(tmp_path: Path):
+    """Factory: `pico(**sections)` → a validated pico `ExperimentConfig` writing under tmp_path."""
+    from unlearning.config import validate_config
+
+    def make(**sections: Any):
+        return validate_config(pico_raw(tmp_path / "run", **sections))
+
+    return make

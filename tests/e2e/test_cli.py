@@ -1,0 +1,57 @@
+"""The real `unlearn` command, run as a user would."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import REPO, pico_raw
+
+
+def unlearn(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "unlearn"
+    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_validate_prints_the_resolved_config(tmp_path):
+    res = unlearn("validate", str(REPO / "configs/demo.yaml"), "train.lr=3e-5", "method.name=simnpo", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    resolved = yaml.safe_load(res.stdout)
+    assert resolved["train"]["lr"] == 3e-5
+    assert resolved["method"] == {"name": "simnpo", "gamma": 0.125, "alpha": 1.0, "retain_loss": "nll",
+                                  "beta": 0.1, "delta": 0.0}  # beta from demo.yaml, delta default
+
+
+def test_validate_lists_every_error_and_exits_nonzero(tmp_path):
+    res = unlearn("validate", str(REPO / "configs/demo.yaml"), "trian.lr=1", "data.holdout_fraction=0", cwd=tmp_path)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("error: ") for line in lines)
+    assert "Traceback" not in res.stderr
+
+
+def test_prepare_then_build_models(tmp_path):
+    config = tmp_path / "pico.yaml"
+    config.write_text(yaml.safe_dump(pico_raw(tmp_path / "run")))
+    res = unlearn("prepare", str(config), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "forget" in res.stdout and "fingerprint" in res.stdout
+    res = unlearn("build-models", str(config), "model.finetune.epochs=1", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((tmp_path / "run/models/summary.json").read_text())
+    assert Path(summary["target"]).is_dir() and Path(summary["oracle"]).is_dir()
+    assert "target" in res.stdout and "oracle" in res.stdout
+    res = unlearn("build-models", str(config), "model.finetune.epochs=1", cwd=tmp_path)
+    assert res.returncode == 0 and res.stdout.count("cached") == 2
+
+
+def test_bad_input_fails_before_work_and_keeps_outputs(tmp_path):
+    config = tmp_path / "pico.yaml"
+    config.write_text(yaml.safe_dump(pico_raw(tmp_path / "run")))
+    assert unlearn("prepare", str(config), cwd=tmp_path).returncode == 0
+    before = sorted(p.name for p in (tmp_path / "run/data").iterdir())
+    res = unlearn("prepare", str(config), "data.forget_fraction=0.01", cwd=tmp_path)
+    assert res.returncode == 2 and "selects nobody to forget" in res.stderr
+    assert sorted(p.name for p in (tmp_path / "run/data").iterdir()) == before
