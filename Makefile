@@ -16,7 +16,7 @@ export DO_NOT_TRACK ?= true
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: env demo test test-all lint bench clean
+.PHONY: env demo test test-all clean
 
 env: $(STAMP)
 
@@ -32,14 +32,13 @@ demo: env
 	$(BIN)/unlearn build-models configs/demo.yaml
 
 test: env
+	$(BIN)/ruff check unlearning tests
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
 test-all: env
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: env
-	$(BIN)/ruff check unlearning tests bench
-	$(BIN)/mypy
 
 clean:
 	rm -rf runs .cache .pytest_cache mlflow.db

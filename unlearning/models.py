@@ -96,7 +96,7 @@ def vocab_problems(configs: dict[str, Any], tokenizer: Any) -> list[str]:
     """The tokenizer's ids must fit the embedding of every model we will load."""
     problems = []
     for key, (src, mcfg) in configs.items():
-        vocab = getattr(mcfg, "vocab_size", None) or getattr(mcfg.get_text_config(), "vocab_size", 0)
+        vocab = int(getattr(mcfg, "vocab_size", None) or getattr(mcfg.get_text_config(), "vocab_size", None) or 0)
         if len(tokenizer) > vocab:
             problems.append(f"{key}: the tokenizer has {len(tokenizer)} tokens but {src!r} embeds only {vocab}; "
                             "use the model's own tokenizer (unset data.tokenizer.name) or resize the model")
@@ -106,10 +106,11 @@ def vocab_problems(configs: dict[str, Any], tokenizer: Any) -> list[str]:
 def _batches(rows: list[dict[str, Any]], batch_size: int, pad_id: int, seed: int):
     """Endless micro-batches, reshuffled every epoch from a seeded generator."""
     gen = torch.Generator().manual_seed(seed)
+    size = min(batch_size, len(rows))
     while True:
         perm = torch.randperm(len(rows), generator=gen).tolist()
-        for i in range(0, len(perm) - batch_size + 1 if len(perm) >= batch_size else 1, batch_size):
-            yield collate([rows[j] for j in perm[i:i + batch_size]], pad_id)
+        for i in range(0, len(perm) - size + 1, size):  # the last partial batch is dropped
+            yield collate([rows[j] for j in perm[i:i + size]], pad_id)
 
 
 def finetune(cfg: ExperimentConfig, prepared: PreparedData, role: str, out: Path) -> dict[str, Any]:

@@ -61,7 +61,7 @@ def test_fractions_must_leave_people_to_retain():
 
 
 def test_unknown_method_lists_the_registered_ones():
-    with pytest.raises(UserError, match="unknown method 'npoo'; valid: .*graddiff.*npo.*simnpo"):
+    with pytest.raises(UserError, match=r"unknown method 'npoo'; valid: .*graddiff.*npo.*simnpo"):
         validate_config({"name": "x", "method": {"name": "npoo"}})
 
 

@@ -92,7 +92,7 @@ def _has_rows(path: Path) -> bool:
 
         return path.stat().st_size > 0 and pq.read_metadata(path).num_rows > 0
     with path.open("rb") as f:
-        lines = [line for _, line in zip(range(3), f) if line.strip()]
+        lines = [line for _, line in zip(range(3), f, strict=False) if line.strip()]
     return len(lines) > (1 if path.suffix.lower() == ".csv" else 0)  # a CSV's first line is its header
 
 

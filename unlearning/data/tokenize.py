@@ -90,7 +90,7 @@ def encode_qa(tokenizer: Any, template: Template, question: str, answer: str, ma
 def collate(features: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a list of encoded examples into (B, T) tensors; padding is masked in the labels."""
     width = max(len(f["input_ids"]) for f in features)
-    batch = {"input_ids": [], "labels": [], "attention_mask": []}
+    batch: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "attention_mask": []}
     for f in features:
         pad = width - len(f["input_ids"])
         batch["input_ids"].append(list(f["input_ids"]) + [pad_id] * pad)
