@@ -83,3 +83,19 @@ def test_missing_checkpoint_is_reported(pico, tmp_path):
         build_models(pico(model={"target": str(tmp_path / "nope"), "oracle": str(tmp_path / "empty")}))
     text = str(info.value)
     assert "model.target: no model config" in text and "model.oracle" in text
+
+
+def test_base_model_from_pretrained_is_fine_tuned_with_its_own_tokenizer(pico, tmp_path):
+    """model.base given as a checkpoint path: its tokenizer is used and both roles start from it."""
+    cfg = pico()
+    tokenizer = prepare(cfg).tokenizer()
+    base = tiny_llama(cfg, tokenizer)
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    built = build_models(pico(model={"base": str(tmp_path / "base")}))
+    from_base = prepare(pico(model={"base": str(tmp_path / "base")}))
+    assert from_base.info()["tokenizer"][0] == "pretrained"
+    start = base.state_dict()
+    tuned = load_causal_lm(built.target).state_dict()
+    assert set(tuned) == set(start)
+    assert any(not torch.equal(tuned[k], start[k]) for k in start)

@@ -65,3 +65,15 @@ def test_sequence_logprob_counts_only_answer_tokens(tok):
     n_answer = sum(label != IGNORE_INDEX for label in a["labels"])
     assert s.ntokens.tolist() == [n_answer, n_answer]
     assert s.logp[0].item() == pytest.approx(-n_answer * torch.log(torch.tensor(float(len(tok)))).item())
+
+
+def test_chat_template_prompt_is_masked(tok):
+    tok.chat_template = "{% for m in messages %}<s>[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}" \
+                        "{% if add_generation_prompt %}[assistant]{% endif %}"
+    try:
+        enc = encode_qa(tok, Template(chat=True), "Where was Ada Vorn born?", "Drulzeath.", max_length=64)
+    finally:
+        tok.chat_template = None
+    n_prompt = enc["labels"].count(IGNORE_INDEX)
+    assert tok.decode(enc["input_ids"][:n_prompt]).endswith("[assistant]")
+    assert tok.decode(enc["input_ids"][n_prompt:-1]) == " Drulzeath."
