@@ -60,6 +60,48 @@ class TorchEngine:
         self.optimizer.zero_grad(set_to_none=True)
         self.global_steps += 1
 
-    @property
-    def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
+    def get_lr(self) -> list[float]:
+        """Current learning rate of each parameter group (DeepSpeedEngine's method of the same name)."""
+        return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+
+def deepspeed_config(train: Any, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config of an unlearning run, derived from `train.*` and the world size.
+
+    The global batch is micro-batch × accumulation × world size; the optimizer is AdamW with torch's
+    implementation (no JIT build) unless parameters or optimizer states are offloaded, where DeepSpeed's
+    CPU Adam is the one that makes offload worthwhile. "offload: all" offloads parameters too, which
+    only ZeRO-3 partitions, so it is rejected for stages below 3 by `deepspeed_problems`.
+    """
+    zero: dict[str, Any] = {"stage": train.zero_stage}
+    if train.offload in ("optimizer", "all"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if train.offload == "all":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    if train.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": train.batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.batch_size * train.grad_accum * world_size,
+        "gradient_clipping": train.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": train.bf16},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": train.lr, "weight_decay": train.weight_decay, "betas": [0.9, 0.999], "eps": 1e-8,
+            "torch_adam": train.offload == "none"}},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def deepspeed_problems(train: Any) -> list[str]:
+    """Combinations DeepSpeed would accept silently but that do not do what they say."""
+    problems = []
+    if train.offload == "all" and train.zero_stage != 3:
+        problems.append(f"train.offload=all offloads parameters, which only ZeRO-3 partitions; "
+                        f"set train.zero_stage=3 or train.offload=optimizer (zero_stage is {train.zero_stage})")
+    if train.offload != "none" and train.zero_stage == 0:
+        problems.append("train.offload needs ZeRO (train.zero_stage 1, 2 or 3); with stage 0 nothing is offloaded")
+    return problems

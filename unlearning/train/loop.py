@@ -71,7 +71,7 @@ def run_loop(engine: Any, batches: Iterator[dict[str, torch.Tensor]], objective:
             result.tokens += int(batch["attention_mask"].sum())
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v / grad_accum
-        result.history.append({"step": step, "lr": engine.lr, **sums})
+        result.history.append({"step": step, "lr": engine.get_lr()[0], **sums})
         result.steps = step
         bar.update(1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()})
