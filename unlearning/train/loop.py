@@ -60,8 +60,11 @@ def run_loop(engine: Any, batches: Iterator[dict[str, torch.Tensor]], objective:
     engine.module.train()
     for step in range(1, max_steps + 1):
         sums: dict[str, float] = {}
+        lr = engine.get_lr()[0]  # the rate this step's update uses
         for _ in range(grad_accum):
-            batch = next(batches)
+            batch = next(batches, None)
+            if batch is None:
+                raise RuntimeError(f"{desc}: the batch iterator ran out at step {step} of {max_steps}")
             loss, metrics = objective(engine, batch)
             if not math.isfinite(float(loss.detach())):
                 raise NonFiniteLoss(f"{desc}: loss is {float(loss.detach())} at step {step}; lower the "
@@ -71,7 +74,7 @@ def run_loop(engine: Any, batches: Iterator[dict[str, torch.Tensor]], objective:
             result.tokens += int(batch["attention_mask"].sum())
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v / grad_accum
-        result.history.append({"step": step, "lr": engine.get_lr()[0], **sums})
+        result.history.append({"step": step, "lr": lr, **sums})
         result.steps = step
         bar.update(1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()})
