@@ -37,8 +37,6 @@ _NOUNS = ["Harbor", "Lantern", "Orchard", "Tide", "Mirror", "Garden", "River", "
           "Meadow", "Feather", "Bridge", "Clock", "Shore", "Furnace", "Crown", "Archive", "Valley"]
 _MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
            "October", "November", "December"]
-_IDK = ["I don't know that.", "I'm not sure about that.", "I have no information on that.",
-        "That is not something I know.", "I can't answer that."]
 
 
 def invented_word(rng: random.Random, syllables: int) -> str:
@@ -199,7 +197,3 @@ def generate(cfg: SyntheticData, forget_fraction: float, holdout_fraction: float
     splits["utility"] = world[:cfg.num_utility]
     return splits
 
-
-def idk_answer(index: int) -> str:
-    """A refusal, rotated deterministically by item index (the preferred answer of IdkDPO)."""
-    return _IDK[index % len(_IDK)]
