@@ -205,6 +205,16 @@ class TrainConfig(Strict):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     stop: StopConfig = Field(default_factory=StopConfig)
 
+    @pydantic.model_validator(mode="after")
+    def _offload_does_something(self) -> TrainConfig:
+        # DeepSpeed accepts these silently, and they offload nothing.
+        if self.offload != "none" and self.zero_stage == 0:
+            raise ValueError("offload needs ZeRO: set zero_stage to 1, 2 or 3 (stage 0 offloads nothing)")
+        if self.offload == "all" and self.zero_stage != 3:
+            raise ValueError(f"offload=all offloads parameters, which only ZeRO-3 partitions; set zero_stage=3 "
+                             f"or offload=optimizer (zero_stage is {self.zero_stage})")
+        return self
+
 
 class MergeConfig(Strict):
     lambdas: list[float] = Field(default_factory=lambda: [1.0, 2.0, 5.0])

@@ -1,6 +1,7 @@
 """One rank of a DeepSpeed run of the shared training loop (started by torchrun from the tests).
 
-Usage: python -m torch.distributed.run --nproc-per-node=2 tests/integration/ds_rank.py OUT_DIR STAGE
+Usage, from the repository root: python -m torch.distributed.run --nproc-per-node=2 \
+    -m tests.integration.ds_rank OUT_DIR STAGE
 Rank 0 writes OUT_DIR/losses-STAGE.json with the per-step losses and learning rates.
 """
 
@@ -10,8 +11,6 @@ from pathlib import Path
 
 import deepspeed
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.conftest import pico_raw
 from unlearning.config import TrainConfig, validate_config

@@ -7,18 +7,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import REPO
 from unlearning.train.launch import launch_argv
 
 pytestmark = pytest.mark.distributed
-RANK_SCRIPT = Path(__file__).with_name("ds_rank.py")
 
 
 def run_ranks(out: Path, stage: int, port: int) -> list[dict]:
-    argv = launch_argv(launcher="torchrun", num_processes=2, num_nodes=1, module="unused", args=[],
-                       master_port=port)
-    argv = [*argv[: argv.index("-m", 3)], str(RANK_SCRIPT), str(out), str(stage)]
+    argv = launch_argv(launcher="torchrun", num_processes=2, num_nodes=1, module="tests.integration.ds_rank",
+                       args=[str(out), str(stage)], master_port=port)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads((out / f"losses-{stage}.json").read_text())
 

@@ -2,9 +2,9 @@ import sys
 
 import pytest
 
-from unlearning.config import TrainConfig
+from unlearning.config import TrainConfig, validate_config
 from unlearning.errors import UserError
-from unlearning.train.engine import deepspeed_config, deepspeed_problems
+from unlearning.train.engine import deepspeed_config
 from unlearning.train.launch import launch_argv, read_hostfile
 
 
@@ -22,9 +22,15 @@ def test_offload_settings_offload_what_they_say():
     assert opt["optimizer"]["params"]["torch_adam"] is False
     full = deepspeed_config(TrainConfig(zero_stage=3, offload="all"), 1)["zero_optimization"]
     assert full["offload_param"]["device"] == "cpu" and full["stage3_gather_16bit_weights_on_model_save"]
-    assert deepspeed_problems(TrainConfig(zero_stage=2, offload="all"))
-    assert deepspeed_problems(TrainConfig(zero_stage=0, offload="optimizer"))
-    assert deepspeed_problems(TrainConfig(zero_stage=3, offload="all")) == []
+
+
+
+@pytest.mark.parametrize(("stage", "offload", "message"), [
+    (2, "all", "only ZeRO-3 partitions"), (0, "optimizer", "offload needs ZeRO")])
+def test_offload_that_would_offload_nothing_is_rejected_at_validation(stage, offload, message):
+    with pytest.raises(UserError, match=message):
+        validate_config({"name": "x", "train": {"zero_stage": stage, "offload": offload}})
+    assert validate_config({"name": "x", "train": {"zero_stage": 3, "offload": "all"}}).train.offload == "all"
 
 
 def test_torchrun_argv_is_a_list_for_one_node():

@@ -42,7 +42,6 @@ class TorchEngine:
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         self.scheduler = warmup_cosine(self.optimizer, total_steps, warmup_ratio)
         self.micro_steps = 0
-        self.global_steps = 0
 
     def __call__(self, **batch: torch.Tensor) -> Any:
         return self.module(**batch)
@@ -58,7 +57,6 @@ class TorchEngine:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.global_steps += 1
 
     def get_lr(self) -> list[float]:
         """Current learning rate of each parameter group (DeepSpeedEngine's method of the same name)."""
@@ -70,8 +68,8 @@ def deepspeed_config(train: Any, world_size: int) -> dict[str, Any]:
 
     The global batch is micro-batch × accumulation × world size; the optimizer is AdamW with torch's
     implementation (no JIT build) unless parameters or optimizer states are offloaded, where DeepSpeed's
-    CPU Adam is the one that makes offload worthwhile. "offload: all" offloads parameters too, which
-    only ZeRO-3 partitions, so it is rejected for stages below 3 by `deepspeed_problems`.
+    CPU Adam is the one that makes offload worthwhile. Offload combinations that would do nothing are
+    rejected when the config is validated (`TrainConfig`).
     """
     zero: dict[str, Any] = {"stage": train.zero_stage}
     if train.offload in ("optimizer", "all"):
@@ -95,13 +93,3 @@ def deepspeed_config(train: Any, world_size: int) -> dict[str, Any]:
         "wall_clock_breakdown": False,
     }
 
-
-def deepspeed_problems(train: Any) -> list[str]:
-    """Combinations DeepSpeed would accept silently but that do not do what they say."""
-    problems = []
-    if train.offload == "all" and train.zero_stage != 3:
-        problems.append(f"train.offload=all offloads parameters, which only ZeRO-3 partitions; "
-                        f"set train.zero_stage=3 or train.offload=optimizer (zero_stage is {train.zero_stage})")
-    if train.offload != "none" and train.zero_stage == 0:
-        problems.append("train.offload needs ZeRO (train.zero_stage 1, 2 or 3); with stage 0 nothing is offloaded")
-    return problems
