@@ -14,6 +14,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
+# Fine-tuning that makes the pico target memorise its facts (forget probability ≈ 0.97, ~4 s), for tests
+# where unlearning must have something to remove.
+MEMORISE = {"epochs": 60, "batch_size": 8, "lr": 5e-3}
 
 
 def pico_raw(out: Path, **sections: Any) -> dict[str, Any]:

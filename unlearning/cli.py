@@ -69,10 +69,42 @@ def cmd_build_models(args: argparse.Namespace) -> None:
     console.print(table)
 
 
+def cmd_unlearn(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from unlearning.config import load_config
+    from unlearning.stages import unlearn
+
+    cfg = load_config(args.config, args.overrides)
+    _quiet_libraries()
+    done = unlearn(cfg)
+    s = done.summary
+    console = Console()
+    losses = s["losses"]
+    how = "cached" if done.cached else f"{s['train_s']:.1f} s of training, {s['wall_s']:.0f} s in all"
+    console.print(f"{s['method']['name']}: {s['steps']} steps on {s['world_size']} rank(s), ZeRO-{s['zero_stage']}"
+                  f"{', LoRA' if s['lora'] else ''}, stopped by {s['stopped_by']} ({how})", markup=False)
+    if losses:
+        console.print(f"loss {losses[0]['loss']:.3f} -> {losses[-1]['loss']:.3f}; forget NLL "
+                      f"{losses[0]['forget_nll']:.3f} -> {losses[-1]['forget_nll']:.3f}; "
+                      f"{s['tokens_per_s']:.0f} tokens/s; peak RSS {s['peak_rss_mb']:.0f} MB", markup=False)
+    table = Table(title="Mean length-normalised answer probability")
+    splits = list(s["probability"]["target"])
+    table.add_column("model")
+    for split in splits:
+        table.add_column(split, justify="right")
+    for role, probs in s["probability"].items():
+        table.add_row(role, *(f"{probs[k]:.3f}" for k in splits))
+    console.print(table)
+    console.print(f"model: {s['model']}" + (f"\nadapter: {s['adapter']}" if s.get("adapter") else ""), markup=False)
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "validate": (cmd_validate, "check a config and print it resolved (every error at once)"),
     "prepare": (cmd_prepare, "build the forget/retain/holdout/eval splits and the tokenizer"),
     "build-models": (cmd_build_models, "build (or reuse) the target model and the retain oracle"),
+    "unlearn": (cmd_unlearn, "unlearn the forget set from the target with method.name (DeepSpeed ranks)"),
 }
 
 

@@ -172,15 +172,20 @@ class MethodConfig(BaseModel):
 class LoraConfig(Strict):
     enabled: bool = False
     r: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
+    alpha: int = Field(16, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
 class StopConfig(Strict):
-    forget_loss_bound: float | None = Field(None, description="stop once the forget NLL exceeds this")
-    utility_floor: float | None = Field(None, description="stop once retain probability falls below this")
+    """Gradient ascent is unbounded: besides `train.max_steps`, stop once the forget answers' mean token NLL
+    reaches `forget_loss_bound`, or once the mean answer probability on a fixed retain sample falls below
+    `utility_floor` (checked every `utility_every` steps, so the overshoot is at most that many steps)."""
+
+    forget_loss_bound: float | None = Field(None, gt=0, description="stop once the forget NLL reaches this")
+    utility_floor: float | None = Field(None, gt=0, le=1, description="stop once retain probability is below")
     utility_every: int = Field(5, ge=1, description="steps between utility-floor checks")
+    utility_sample: int = Field(32, ge=1, description="retain examples the utility-floor check scores")
 
 
 class TrainConfig(Strict):
@@ -202,6 +207,7 @@ class TrainConfig(Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     gradient_checkpointing: bool = False
     checkpoint_every: int = Field(0, ge=0, description="steps between DeepSpeed checkpoints; 0: only at end")
+    keep_checkpoints: int = Field(2, ge=1, description="newest DeepSpeed checkpoints kept on disk")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     stop: StopConfig = Field(default_factory=StopConfig)
 

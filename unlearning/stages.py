@@ -4,5 +4,6 @@ from __future__ import annotations
 
 from unlearning.data.prepare import PreparedData, prepare
 from unlearning.models import BuiltModels, build_models
+from unlearning.unlearn import Unlearned, unlearn
 
-__all__ = ["BuiltModels", "PreparedData", "build_models", "prepare"]
+__all__ = ["BuiltModels", "PreparedData", "Unlearned", "build_models", "prepare", "unlearn"]

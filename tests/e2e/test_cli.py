@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import REPO, pico_raw
+from tests.conftest import MEMORISE, REPO, pico_raw
 
 
 def unlearn(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -55,3 +55,23 @@ def test_bad_input_fails_before_work_and_keeps_outputs(tmp_path):
     res = unlearn("prepare", str(config), "data.forget_fraction=0.01", cwd=tmp_path)
     assert res.returncode == 2 and "selects nobody to forget" in res.stderr
     assert sorted(p.name for p in (tmp_path / "run/data").iterdir()) == before
+
+
+def test_unlearn_on_two_ranks_with_lora_then_reuse(tmp_path):
+    """`unlearn unlearn` through the deepspeed launcher: IdkDPO with LoRA on 2 ranks under ZeRO-2."""
+    config = tmp_path / "pico.yaml"
+    config.write_text(yaml.safe_dump(pico_raw(
+        tmp_path / "run", model={"finetune": MEMORISE}, method={"name": "idkdpo"},
+        train={"lr": 5e-3, "max_steps": 3, "batch_size": 2, "num_processes": 2, "launcher": "deepspeed",
+               "lora": {"enabled": True, "r": 4}})))
+    res = unlearn("unlearn", str(config), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "idkdpo: 3 steps on 2 rank(s), ZeRO-2, LoRA, stopped by max_steps" in res.stdout
+    run = next((tmp_path / "run/unlearn").iterdir())
+    summary = json.loads((run / "run_summary.json").read_text())
+    probs = summary["probability"]
+    assert probs["unlearned"]["forget"] < probs["target"]["forget"]
+    assert Path(summary["adapter"], "adapter_model.safetensors").is_file()
+    assert "deepspeed.launcher.runner" in (run / "train.log").read_text()
+    again = unlearn("unlearn", str(config), cwd=tmp_path)
+    assert again.returncode == 0 and "(cached)" in again.stdout

@@ -100,11 +100,24 @@ def test_kl_hand_value_and_padding_ignored():
 def test_retain_losses_are_registered():
     assert RETAIN_LOSSES.names() == ["kl", "nll"]
     logits, labels = torch.zeros(1, 3, 4), torch.tensor([[IGNORE_INDEX, 1, 2]])
-    mask = torch.ones(1, 3, dtype=torch.long)
-    assert RETAIN_LOSSES.get("nll").fn(logits, labels, mask).item() == pytest.approx(math.log(4))
-    assert RETAIN_LOSSES.get("kl").fn(logits, labels, mask, ref_logits=logits).item() == pytest.approx(0.0)
+    batch = {"labels": labels, "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    assert RETAIN_LOSSES.get("nll").fn(logits, batch).item() == pytest.approx(math.log(4))
+    assert RETAIN_LOSSES.get("kl").fn(logits, batch, ref_logits=logits).item() == pytest.approx(0.0)
     with pytest.raises(ValueError, match="reference"):
-        RETAIN_LOSSES.get("kl").fn(logits, labels, mask)
+        RETAIN_LOSSES.get("kl").fn(logits, batch)
+
+
+def test_step_norm_replaces_the_micro_batch_token_count():
+    """Two micro-batches, 1 and 3 answer tokens, logπ −2 and −4: the step's token mean is −6/4 = −1.5.
+    With norm = 4/2 = 2 (step tokens / micro-batches), each micro loss is Σlogπ/2 and their average is
+    (−2/2 − 4/2)/2 = −1.5, whereas averaging the micro means gives (−2/1 − 4/3)/2 ≈ −1.667."""
+    ga = METHODS.get("ga").fn
+    norm = torch.tensor(2.0, dtype=torch.float64)
+    parts = [ga(seq([-2.0], [1]).with_norm(norm)), ga(seq([-4.0], [3]).with_norm(norm))]
+    assert (sum(parts) / 2).item() == pytest.approx(-1.5)
+    assert ((ga(seq([-2.0], [1])) + ga(seq([-4.0], [3]))) / 2).item() == pytest.approx(-5 / 3)
+    logits, labels = torch.zeros(1, 3, 4), torch.tensor([[IGNORE_INDEX, 1, 2]])
+    assert mean_token_nll(logits, labels, torch.tensor(4.0)).item() == pytest.approx(2 * math.log(4) / 4)
 
 
 def test_registered_methods_and_their_defaults():

@@ -10,7 +10,7 @@ from unlearning.methods.logprobs import SequenceLogProbs
 
 def _ascent(forget: SequenceLogProbs) -> torch.Tensor:
     # −(mean token NLL) = Σ logp / Σ tokens over the batch; minimising it raises the forget NLL.
-    return forget.logp.sum() / forget.ntokens.sum().clamp(min=1)
+    return forget.token_mean()
 
 
 @METHODS.register("ga", gamma=1.0, alpha=0.0, retain_loss="none")

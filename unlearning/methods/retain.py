@@ -1,6 +1,13 @@
-"""Retain terms, added as α·retain_loss to keep the model's utility while it forgets."""
+"""Retain terms, added as α·retain_loss to keep the model's utility while it forgets.
+
+A retain function takes the model's logits (B, T, V) on the retain micro-batch, the batch itself
+(`labels`, `attention_mask` and the optional step normalisers `answer_norm` / `position_norm`, see
+`methods/logprobs.py`) and the reference model's logits when it is registered with `needs_ref_model`.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 
@@ -9,16 +16,16 @@ from unlearning.methods.logprobs import mean_token_nll, token_kl
 
 
 @RETAIN_LOSSES.register("nll")
-def nll(logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
-        ref_logits: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean token NLL of the retain answers; logits (B, T, V), labels (B, T)."""
-    return mean_token_nll(logits, labels)
+def nll(logits: torch.Tensor, batch: Mapping[str, torch.Tensor], ref_logits: torch.Tensor | None = None
+        ) -> torch.Tensor:
+    """Mean token NLL of the retain answers."""
+    return mean_token_nll(logits, batch["labels"], batch.get("answer_norm"))
 
 
 @RETAIN_LOSSES.register("kl", needs_ref_model=True)
-def kl(logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
-       ref_logits: torch.Tensor | None = None) -> torch.Tensor:
+def kl(logits: torch.Tensor, batch: Mapping[str, torch.Tensor], ref_logits: torch.Tensor | None = None
+       ) -> torch.Tensor:
     """KL(p_ref ‖ p_θ) over the real tokens of the retain batch (needs live reference logits)."""
     if ref_logits is None:
         raise ValueError("the kl retain loss needs the reference model's logits")
-    return token_kl(ref_logits, logits, attention_mask)
+    return token_kl(ref_logits, logits, batch["attention_mask"], batch.get("position_norm"))

@@ -9,10 +9,17 @@ live in this module only.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float) -> Any:
@@ -93,3 +100,149 @@ def deepspeed_config(train: Any, world_size: int) -> dict[str, Any]:
         "wall_clock_breakdown": False,
     }
 
+
+
+# --- DeepSpeed: everything below is the only ZeRO-specific code of the project. ---------------------
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+
+def init_distributed() -> Dist:
+    """Join the process group the launcher set up (gloo on CPU, the accelerator's backend on GPUs)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if accel.device_name() == "cpu":
+        device = torch.device("cpu")
+    else:
+        accel.set_device(local_rank)
+        device = torch.device(accel.device_name(local_rank))
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def load_for_training(path: str | Path, ds_config: dict[str, Any], *, dtype: torch.dtype = torch.float32,
+                      trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """Load a causal LM for a DeepSpeed run; under ZeRO-3 it is partitioned while it loads.
+
+    Returns:
+        (model, handle): keep `handle` alive for the run; it tells transformers that ZeRO-3 is on.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    def load() -> Any:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code,
+                                                    use_safetensors=True)
+
+    if ds_config["zero_optimization"]["stage"] == 3:
+        handle = HfDeepSpeedConfig(ds_config)
+        return load(), handle
+    with plain_loading():  # whatever an earlier ZeRO-3 model in this process left registered
+        return load(), None
+
+
+@contextlib.contextmanager
+def plain_loading() -> Iterator[None]:
+    """Load models whole in this process even while a ZeRO-3 run is live (e.g. rank 0 exporting the
+    consolidated weights); otherwise transformers would partition them over ranks that are not loading."""
+    import transformers.integrations.deepspeed as hf_ds
+
+    live = hf_ds._hf_deepspeed_config_weak_ref() if hf_ds._hf_deepspeed_config_weak_ref else None
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if live is not None:
+            hf_ds.set_hf_deepspeed_config(live)
+
+
+def initialize(model: torch.nn.Module, ds_config: dict[str, Any], *, total_steps: int, warmup_ratio: float) -> Any:
+    """Wrap `model` in a DeepSpeed engine with AdamW and a warm-up/cosine schedule over `total_steps`."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config, model_parameters=params,
+                                      lr_scheduler=lambda opt: warmup_cosine(opt, total_steps, warmup_ratio))
+    return engine
+
+
+def frozen_reference(path: str | Path, ds_config: dict[str, Any], *, dtype: torch.dtype,
+                     trust_remote_code: bool) -> Any:
+    """A frozen copy of the starting model for live reference logits (partitioned under ZeRO-3)."""
+    import deepspeed
+
+    stage = ds_config["zero_optimization"]["stage"]
+    ref_config = {"train_micro_batch_size_per_gpu": ds_config["train_micro_batch_size_per_gpu"],
+                  "train_batch_size": ds_config["train_batch_size"],
+                  "gradient_accumulation_steps": ds_config["gradient_accumulation_steps"],
+                  "bf16": ds_config["bf16"], "zero_optimization": {"stage": 3 if stage == 3 else 0}}
+    model, handle = load_for_training(path, ref_config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=ref_config)
+    engine.module.eval()
+    engine._unlearning_handle = handle  # keeps the ZeRO-3 marker alive as long as the engine
+    return engine
+
+
+def save_checkpoint(engine: Any, ckpt_dir: Path, step: int, state: dict[str, Any], *, frozen: bool = True,
+                    keep: int = 2) -> None:
+    """Save a DeepSpeed checkpoint tagged `step<N>` (all ranks) and prune all but the newest `keep`.
+
+    DeepSpeed updates the `latest` pointer only after every shard is written, so a crash mid-save leaves
+    the previous checkpoint as the one to resume from. `frozen=False` leaves frozen parameters out
+    (LoRA: they are the target's weights, reloaded on resume).
+    """
+    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state=state,
+                           exclude_frozen_parameters=not frozen)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        tags = sorted((p for p in ckpt_dir.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
+        for old in tags[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def load_latest(engine: Any, ckpt_dir: Path) -> dict[str, Any] | None:
+    """Restore the newest checkpoint of `ckpt_dir` into `engine`; its client state, or None if none exists."""
+    if not (ckpt_dir / "latest").is_file():
+        return None
+    path, state = engine.load_checkpoint(str(ckpt_dir), load_module_strict=False)
+    if path is None:
+        raise RuntimeError(f"could not load the checkpoint named by {ckpt_dir / 'latest'}; delete {ckpt_dir} "
+                           "to start the run over")
+    return dict(state or {})
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    latest = ckpt_dir / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The full fp32 weights of a (possibly ZeRO-partitioned) checkpoint, read on one process."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+
+
+def gathered_state_dict(engine: Any) -> dict[str, torch.Tensor]:
+    """The engine's current weights, gathered from every rank under ZeRO-3 (a collective call)."""
+    import deepspeed
+
+    module = engine.module
+    params = list(module.parameters())
+    if engine.zero_optimization_stage() == 3:
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {k: v.detach().clone().cpu() for k, v in module.state_dict().items()}
+    return {k: v.detach().clone().cpu() for k, v in module.state_dict().items()}

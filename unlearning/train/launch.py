@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 
 from unlearning.errors import UserError
+
+
+def free_port() -> int:
+    """A TCP port that is free on this host right now (for a single-node rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def on_gpu() -> bool:
+    """Whether this machine has a CUDA device (else ranks run on CPU with gloo)."""
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def read_hostfile(path: str | Path) -> list[tuple[str, int]]:

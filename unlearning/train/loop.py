@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from unlearning.methods.logprobs import mean_token_nll
 
-Objective = Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
+Objective = Callable[[Any, dict[str, Any]], tuple[torch.Tensor, dict[str, float]]]
+OnStep = Callable[[dict[str, float]], str | None]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -31,6 +33,7 @@ class LoopResult:
     history: list[dict[str, float]] = field(default_factory=list)
     tokens: int = 0
     wall_s: float = 0.0
+    stopped_by: str = "max_steps"
 
     @property
     def tokens_per_s(self) -> float:
@@ -44,21 +47,43 @@ def nll_objective(engine: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     return loss, {"loss": float(loss.detach())}
 
 
-def run_loop(engine: Any, batches: Iterator[dict[str, torch.Tensor]], objective: Objective, *,
-             max_steps: int, grad_accum: int, desc: str = "train", show_progress: bool | None = None) -> LoopResult:
-    """Run `max_steps` optimizer steps of `grad_accum` micro-batches each.
+def _tokens(batch: dict[str, Any]) -> int:
+    """Real tokens in a micro-batch, or in every part of a nested one ({"forget": ..., "retain": ...})."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return sum(_tokens(part) for part in batch.values() if isinstance(part, dict))
 
-    Metrics are averaged over each step's micro-batches and appended to `history` with `step` and `lr`.
+
+def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
+    """Average a step's metrics over the ranks of the process group (identity in one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(values)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, values.tolist(), strict=True)}
+
+
+def run_loop(engine: Any, batches: Iterator[dict[str, Any]], objective: Objective, *, max_steps: int,
+             grad_accum: int, desc: str = "train", show_progress: bool | None = None, start_step: int = 0,
+             on_step: OnStep | None = None) -> LoopResult:
+    """Run optimizer steps `start_step + 1 .. max_steps` of `grad_accum` micro-batches each.
+
+    A step's metrics are averaged over its micro-batches and over the ranks, then appended to
+    `history` with `step` and `lr`; every rank sees the same values, so every rank takes the same
+    decisions. After each step, `on_step(record)` (the history entry) may checkpoint, and returns a
+    reason to stop early or None.
 
     Raises:
-        NonFiniteLoss: a micro-batch loss is NaN or inf.
+        NonFiniteLoss: a step's loss is NaN or inf (raised on every rank, before `on_step`, so no
+            checkpoint of the broken weights is written).
     """
-    result = LoopResult()
+    result = LoopResult(steps=start_step)
     start = time.perf_counter()
     show = sys.stderr.isatty() if show_progress is None else show_progress
-    bar = tqdm(total=max_steps, desc=desc, disable=not show, leave=False)
+    bar = tqdm(total=max_steps, initial=start_step, desc=desc, disable=not show, leave=False)
     engine.module.train()
-    for step in range(1, max_steps + 1):
+    for step in range(start_step + 1, max_steps + 1):
         sums: dict[str, float] = {}
         lr = engine.get_lr()[0]  # the rate this step's update uses
         for _ in range(grad_accum):
@@ -66,18 +91,24 @@ def run_loop(engine: Any, batches: Iterator[dict[str, torch.Tensor]], objective:
             if batch is None:
                 raise RuntimeError(f"{desc}: the batch iterator ran out at step {step} of {max_steps}")
             loss, metrics = objective(engine, batch)
-            if not math.isfinite(float(loss.detach())):
-                raise NonFiniteLoss(f"{desc}: loss is {float(loss.detach())} at step {step}; lower the "
-                                    "learning rate or add a stopping rule")
             engine.backward(loss)
             engine.step()
-            result.tokens += int(batch["attention_mask"].sum())
+            result.tokens += _tokens(batch)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v / grad_accum
-        result.history.append({"step": step, "lr": lr, **sums})
+        sums = mean_over_ranks(sums)
+        if not math.isfinite(sums.get("loss", 0.0)):
+            raise NonFiniteLoss(f"{desc}: the loss is {sums['loss']} at step {step}; lower train.lr, or bound "
+                                "the run with train.max_steps or a train.stop rule")
+        record = {"step": step, "lr": lr, **sums}
+        result.history.append(record)
         result.steps = step
         bar.update(1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()})
+        reason = on_step(record) if on_step else None
+        if reason:
+            result.stopped_by = reason
+            break
     bar.close()
     result.wall_s = time.perf_counter() - start
     return result

@@ -1,0 +1,260 @@
+"""One rank of an unlearning job, started by the launcher as `python -m unlearning.train SPEC.json`.
+
+The spec (written by `unlearning.unlearn`) names the resolved config, the target checkpoint, the
+prepared data and the run directory. Every rank builds the model and the DeepSpeed engine, resumes from
+the newest checkpoint when one exists, reads or computes the reference log-probs, and runs the shared
+loop; rank 0 then consolidates the weights into a plain HF checkpoint and writes `run_summary.json`
+(last, so its presence marks a finished run). A NaN/inf loss stops every rank and keeps the last good
+checkpoint; any failure leaves `failure.json` with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from unlearning.config import ExperimentConfig, LoraConfig, validate_config
+from unlearning.data.pairing import refusal_rows
+from unlearning.data.prepare import PreparedData
+from unlearning.train import engine as ds
+from unlearning.train.loop import LoopResult, run_loop
+from unlearning.train.objective import UnlearningObjective, needs
+from unlearning.train.reference import mean_probability, reference_logprobs
+from unlearning.train.sampler import Layout, Stream, micro_batches
+
+FAULT_ENV = "UNLEARN_FAULT_AFTER_STEP"  # crash on purpose after this step's checkpoint (recovery tests)
+FAILED_EXIT = 3
+
+
+class JobError(RuntimeError):
+    """A problem found inside the job (e.g. a stopping rule that cannot hold); written to failure.json."""
+
+
+@dataclass
+class JobOutput:
+    engine: Any
+    result: LoopResult
+    summary: dict[str, Any]
+
+
+def apply_lora(model: Any, lora: LoraConfig) -> Any:
+    """Wrap `model` with trainable LoRA adapters on `lora.target_modules` (the base stays frozen)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    return get_peft_model(model, PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+
+
+def _ref_logits_fn(cfg: ExperimentConfig, engine: Any, target: str, ds_config: dict[str, Any]
+                   ) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """Live reference logits for KL: the adapter switched off under LoRA, else a frozen copy."""
+    if cfg.train.lora.enabled:
+        def with_adapter_off(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            with engine.module.disable_adapter():
+                return engine.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return with_adapter_off
+    ref = ds.frozen_reference(target, ds_config, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code)
+    return lambda batch: ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def _streams(cfg: ExperimentConfig, engine: Any, prepared: PreparedData, ref_cache: str | None,
+             resumed: bool) -> tuple[dict[str, Stream], Any]:
+    splits, tok = prepared.splits(), prepared.tokenizer()
+    need = needs(cfg.method)
+    rows = {"forget": list(splits["forget"])}
+    if need["idk"]:
+        rows["idk"] = refusal_rows(tok, cfg.data.template, rows["forget"], seed=cfg.seed,
+                                   max_length=cfg.data.max_length)
+    extra: dict[str, dict[str, torch.Tensor]] = {name: {} for name in rows}
+    if need["ref_logp"]:
+        if ref_cache is None:
+            raise JobError(f"method {cfg.method.name!r} needs reference log-probs but the job has no cache path")
+        if resumed and not Path(ref_cache).is_file():
+            raise JobError(f"resuming needs the reference log-probs cached at {ref_cache}, which is gone; "
+                           "delete the run's checkpoints/ to start over")
+        ref = reference_logprobs(engine.module, rows, Path(ref_cache), pad_id=tok.pad_token_id,
+                                 batch_size=cfg.eval.batch_size)
+        extra = {name: {"ref_logp": values} for name, values in ref.items()}
+    streams = {name: Stream(r, name, extra[name]) for name, r in rows.items()}
+    if need["retain"]:
+        streams["retain"] = Stream(list(splits["retain"]), "retain")
+    return streams, tok
+
+
+def export_model(cfg: ExperimentConfig, ckpt_dir: Path, tag: str, target: str, tokenizer: Any, run_dir: Path
+                 ) -> dict[str, str]:
+    """Consolidate checkpoint `tag` into `run_dir/model` (merged HF safetensors) and, with LoRA,
+    `run_dir/adapter`. Written to temporary directories and renamed into place."""
+    from unlearning.models import DTYPES, load_causal_lm
+
+    state = ds.consolidated_state_dict(ckpt_dir, tag)
+    with ds.plain_loading():
+        model = load_causal_lm(target, "float32", cfg.model.trust_remote_code)
+    if cfg.train.lora.enabled:
+        torch.manual_seed(cfg.seed)
+        model = apply_lora(model, cfg.train.lora)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    loaded = {p.data_ptr() for k, p in model.named_parameters() if k in state}
+    untouched = [k for k, p in model.named_parameters() if k in missing and p.requires_grad
+                 and p.data_ptr() not in loaded]
+    if unexpected or untouched:
+        raise JobError(f"checkpoint {ckpt_dir / tag} does not match the model: unexpected {unexpected[:5]}, "
+                       f"missing trainable {untouched[:5]}")
+    paths = {}
+    staged = []
+    if cfg.train.lora.enabled:
+        adapter_tmp = run_dir / ".adapter.tmp"
+        shutil.rmtree(adapter_tmp, ignore_errors=True)
+        model.save_pretrained(str(adapter_tmp))
+        staged.append((adapter_tmp, run_dir / "adapter"))
+        paths["adapter"] = str(run_dir / "adapter")
+        model = model.merge_and_unload()
+    model_tmp = run_dir / ".model.tmp"
+    shutil.rmtree(model_tmp, ignore_errors=True)
+    model.to(DTYPES[cfg.model.dtype]).save_pretrained(str(model_tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(model_tmp))
+    staged.append((model_tmp, run_dir / "model"))
+    for tmp, final in staged:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    paths["model"] = str(run_dir / "model")
+    return paths
+
+
+def _peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """Peak resident memory (max over ranks) and, on GPUs, peak allocated device memory."""
+    rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0], dtype=torch.float64)
+    gpu = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0],
+                       dtype=torch.float64)
+    both = torch.cat([rss, gpu]).to(device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    out = {"peak_rss_mb": round(float(both[0]), 1)}
+    if device.type == "cuda":
+        out["peak_gpu_mb"] = round(float(both[1]), 1)
+    return out
+
+
+def record_failure(run_dir: Path, error: str) -> None:
+    """Leave `failure.json` (the first failing rank's reason and the checkpoint to resume from)."""
+    path = run_dir / "failure.json"
+    if not path.exists():
+        _write_json(path, {"error": error, "last_checkpoint": ds.latest_tag(run_dir / "checkpoints")})
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def run(spec: dict[str, Any]) -> JobOutput:
+    """Run this rank's share of the job described by `spec` (see the module docstring)."""
+    start = time.perf_counter()
+    cfg = validate_config(spec["config"])
+    train, run_dir = cfg.train, Path(spec["run_dir"])
+    ckpt_dir = run_dir / "checkpoints"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    place = ds.init_distributed()
+    torch.manual_seed(cfg.seed)  # LoRA's initialisation, identical on every rank
+
+    ds_config = ds.deepspeed_config(train, place.world)
+    model, zero3_handle = ds.load_for_training(spec["target"], ds_config, trust_remote_code=cfg.model.trust_remote_code)
+    model.config.use_cache = False
+    if train.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if train.lora.enabled:
+        model = apply_lora(model, train.lora)
+    engine = ds.initialize(model, ds_config, total_steps=train.max_steps, warmup_ratio=train.warmup_ratio)
+    state = ds.load_latest(engine, ckpt_dir) or {}
+    start_step = int(state.get("step", 0))
+    history: list[dict[str, float]] = list(state.get("history", []))
+    utility: list[dict[str, float]] = list(state.get("utility", []))
+
+    prepared = PreparedData(Path(spec["data"]), spec["data_fingerprint"])
+    streams, tok = _streams(cfg, engine, prepared, spec.get("ref_cache"), resumed=start_step > 0)
+    ref_logits = _ref_logits_fn(cfg, engine, spec["target"], ds_config) if needs(cfg.method)["ref_model"] else None
+    objective = UnlearningObjective(cfg.method, ref_logits)
+    layout = Layout(train.batch_size, place.world, train.grad_accum)
+    batches = micro_batches(streams, layout, rank=place.rank, seed=cfg.seed, pad_id=tok.pad_token_id,
+                            start_step=start_step, paired={"idk": "forget"} if "idk" in streams else None)
+
+    stop = train.stop
+    sample = _utility_sample(prepared, cfg) if stop.utility_floor is not None else []
+
+    def check_utility(step: int) -> float:
+        p = mean_probability(engine.module, sample, pad_id=tok.pad_token_id, batch_size=cfg.eval.batch_size)
+        utility.append({"step": step, "retain_probability": p})
+        return p
+
+    if stop.utility_floor is not None and start_step == 0:
+        p0 = check_utility(0)
+        if p0 < stop.utility_floor:
+            raise JobError(f"train.stop.utility_floor={stop.utility_floor} is above the starting model's retain "
+                           f"probability {p0:.4f}: the run would stop at once; lower the floor")
+    saved = {"step": start_step}
+    fault_after = int(os.environ.get(FAULT_ENV, "0") or 0)
+
+    def client_state(step: int) -> dict[str, Any]:
+        return {"step": step, "history": history, "utility": utility}
+
+    def on_step(record: dict[str, float]) -> str | None:
+        step = int(record["step"])
+        history.append(record)
+        reason = None
+        if stop.forget_loss_bound is not None and record["forget_nll"] >= stop.forget_loss_bound:
+            reason = "forget_loss_bound"
+        floor, every = stop.utility_floor, stop.utility_every
+        if reason is None and floor is not None and step % every == 0 and check_utility(step) < floor:
+            reason = "utility_floor"
+        if train.checkpoint_every and step % train.checkpoint_every == 0:
+            ds.save_checkpoint(engine, ckpt_dir, step, client_state(step), frozen=not train.lora.enabled,
+                               keep=train.keep_checkpoints)
+            saved["step"] = step
+        if fault_after and step == fault_after:
+            raise RuntimeError(f"fault injected after step {step} ({FAULT_ENV}={fault_after})")
+        return reason
+
+    result = run_loop(engine, batches, objective, max_steps=train.max_steps, grad_accum=train.grad_accum,
+                      desc=f"unlearn {cfg.method.name}", start_step=start_step, on_step=on_step)
+    if saved["step"] != result.steps or ds.latest_tag(ckpt_dir) is None:
+        ds.save_checkpoint(engine, ckpt_dir, result.steps, client_state(result.steps),
+                           frozen=not train.lora.enabled, keep=train.keep_checkpoints)
+    tokens = torch.tensor([result.tokens], dtype=torch.float64, device=place.device)
+    dist.all_reduce(tokens)
+    memory = _peak_memory_mb(place.device)
+
+    summary: dict[str, Any] = {}
+    if place.rank == 0:
+        paths = export_model(cfg, ckpt_dir, f"step{result.steps}", spec["target"], tok, run_dir)
+        summary = {
+            "method": cfg.method.model_dump(), "target": spec["target"], "data_fingerprint": prepared.fingerprint,
+            **paths, "steps": result.steps, "max_steps": train.max_steps, "stopped_by": result.stopped_by,
+            "resumed_from_step": start_step, "world_size": place.world, "zero_stage": train.zero_stage,
+            "lora": train.lora.enabled, "global_batch": layout.global_batch,
+            "losses": history, "utility_checks": utility, "final": history[-1] if history else {},
+            "tokens": int(tokens.item()), "train_s": round(result.wall_s, 3),
+            "tokens_per_s": round(float(tokens.item()) / result.wall_s, 1) if result.wall_s else 0.0,
+            **memory, "wall_s": round(time.perf_counter() - start, 2),
+            "reference_cache": spec.get("ref_cache") if needs(cfg.method)["ref_logp"] else None,
+        }
+        _write_json(run_dir / "run_summary.json", summary)
+    dist.barrier()
+    del zero3_handle
+    return JobOutput(engine, result, summary)
+
+
+def _utility_sample(prepared: PreparedData, cfg: ExperimentConfig) -> list[dict[str, Any]]:
+    retain = prepared.splits()["retain"]
+    order = torch.randperm(len(retain), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    return [retain[i] for i in order[: cfg.train.stop.utility_sample]]

@@ -1,0 +1,186 @@
+"""The unlearn stage: launch the DeepSpeed job that unlearns the forget set from the target model.
+
+`unlearn(cfg)` builds (or reuses) the target, checks the run against the data before anything starts,
+writes a job spec and launches `python -m unlearning.train` on `train.num_processes` ranks per node
+through torchrun or the deepspeed launcher (an argv list). The run directory
+`<output_dir>/unlearn/<method>-<hash of every input>/` holds `model/` (a consolidated HF checkpoint),
+`adapter/` (LoRA), `checkpoints/` (DeepSpeed), `train.log` and `run_summary.json`, written last by rank
+0. A finished run is reused; an unfinished one resumes from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from unlearning.config import ExperimentConfig, content_hash, dump_yaml
+from unlearning.data.prepare import PreparedData, prepare
+from unlearning.errors import UserError, raise_if
+from unlearning.models import build_models, probabilities
+from unlearning.train.launch import free_port, launch_argv, on_gpu, read_hostfile
+from unlearning.train.objective import needs
+
+UNLEARN_VERSION = 1
+
+
+class TrainingFailed(UserError):
+    """The training job exited with an error; the message carries its reason and the log's tail."""
+
+
+@dataclass(frozen=True)
+class Unlearned:
+    model: Path
+    run_dir: Path
+    summary: dict[str, Any]
+    cached: bool
+
+
+def model_identity(path: str | Path) -> str:
+    """A cheap content identity of a checkpoint directory: its config and its weight files' sizes/times."""
+    path = Path(path)
+    if not path.is_dir():
+        return content_hash(str(path))  # a hub name: the name (and the hub's revision pinning) identifies it
+    files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors"))
+    return content_hash(str(path.resolve()), [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+
+
+def world_size(cfg: ExperimentConfig) -> int:
+    train = cfg.train
+    if train.hostfile and Path(train.hostfile).is_file():
+        return sum(slots for _, slots in read_hostfile(train.hostfile)[: train.num_nodes])
+    return train.num_processes * train.num_nodes
+
+
+def launch_problems(cfg: ExperimentConfig) -> list[str]:
+    """Problems with how the job would start, found from the config alone."""
+    train, problems = cfg.train, []
+    if train.hostfile and not Path(train.hostfile).is_file():
+        problems.append(f"train.hostfile: {train.hostfile!r} does not exist; write one 'HOST slots=N' line per node")
+    if train.num_nodes > 1 and train.launcher == "deepspeed" and not train.hostfile:
+        problems.append("train.num_nodes > 1 with the deepspeed launcher needs train.hostfile listing the nodes")
+    return problems
+
+
+def data_problems(cfg: ExperimentConfig, prepared: PreparedData, target: str) -> list[str]:
+    """Problems with running this method on this data and model, before any rank starts."""
+    counts = prepared.info()["counts"]
+    need, world, problems = needs(cfg.method), world_size(cfg), []
+    global_batch = cfg.train.batch_size * cfg.train.grad_accum * world
+    fix = "lower train.batch_size, train.grad_accum or the number of ranks, or forget more"
+    if counts.get("forget", 0) < global_batch:
+        problems.append(f"the forget set has {counts.get('forget', 0)} examples, fewer than one global batch "
+                        f"({cfg.train.batch_size} × {cfg.train.grad_accum} accumulation × {world} ranks = "
+                        f"{global_batch}); {fix}")
+    if (need["retain"] or cfg.train.stop.utility_floor is not None) and counts.get("retain", 0) < global_batch:
+        problems.append(f"the retain set has {counts.get('retain', 0)} examples, fewer than one global batch "
+                        f"({global_batch}); lower the batch or set method.alpha=0")
+    if cfg.train.lora.enabled:
+        problems += _lora_problems(cfg, target)
+    return problems
+
+
+def _lora_problems(cfg: ExperimentConfig, target: str) -> list[str]:
+    """Every LoRA target module name must match layers of the model (checked on an empty meta model)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(target, trust_remote_code=cfg.model.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    leaves = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    unknown = [m for m in cfg.train.lora.target_modules if m not in leaves]
+    if unknown:
+        return [f"train.lora.target_modules: {unknown} are not linear layers of {target}; "
+                f"valid names: {', '.join(sorted(leaves))}"]
+    return []
+
+
+def run_key(cfg: ExperimentConfig, target: str, prepared: PreparedData) -> str:
+    """Everything the unlearned weights depend on."""
+    return content_hash(UNLEARN_VERSION, model_identity(target), prepared.fingerprint, cfg.method.model_dump(),
+                        cfg.train.model_dump(exclude={"checkpoint_every", "keep_checkpoints", "hostfile"}),
+                        world_size(cfg), cfg.seed, cfg.model.dtype, cfg.data.template.model_dump())
+
+
+def _job_env(cfg: ExperimentConfig) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.train.num_processes)))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def _failure_message(run_dir: Path, log: Path, returncode: int) -> str:
+    failure = run_dir / "failure.json"
+    ckpt = (run_dir / "checkpoints" / "latest")
+    resume = (f"the last good checkpoint is {ckpt.read_text().strip()} in {ckpt.parent}; rerun the same "
+              "command to resume from it" if ckpt.is_file() else "no checkpoint was written")
+    if failure.is_file():
+        return f"training stopped: {json.loads(failure.read_text())['error']} ({resume}; log: {log})"
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:]) if log.is_file() else ""
+    return f"the training job exited with status {returncode} ({resume}); the end of {log}:\n{tail}"
+
+
+def launch(cfg: ExperimentConfig, spec: dict[str, Any], run_dir: Path) -> None:
+    """Start the ranks of the job and wait; raise `TrainingFailed` with the reason if it fails."""
+    (run_dir / "spec.json").write_text(json.dumps(spec, indent=2))
+    (run_dir / "failure.json").unlink(missing_ok=True)
+    train = cfg.train
+    master_addr = os.environ.get("MASTER_ADDR") or (read_hostfile(train.hostfile)[0][0] if train.hostfile
+                                                    else "127.0.0.1")
+    port = int(os.environ.get("MASTER_PORT") or (29500 if train.num_nodes > 1 else free_port()))
+    argv = launch_argv(launcher=train.launcher, num_processes=train.num_processes, num_nodes=train.num_nodes,
+                       module="unlearning.train", args=[str(run_dir / "spec.json")], hostfile=train.hostfile,
+                       master_addr=master_addr, master_port=port, node_rank=int(os.environ.get("NODE_RANK", "0")),
+                       on_cpu=not on_gpu())
+    log = run_dir / "train.log"
+    with log.open("a") as out:
+        out.write(f"$ {' '.join(argv)}\n")
+        out.flush()
+        proc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, env=_job_env(cfg), check=False)
+    if proc.returncode != 0 or not (run_dir / "run_summary.json").is_file():
+        raise TrainingFailed(_failure_message(run_dir, log, proc.returncode))
+
+
+def job_spec(cfg: ExperimentConfig, target: str, prepared: PreparedData) -> tuple[Path, dict[str, Any]]:
+    """The run directory of this unlearning run and the spec its ranks read."""
+    run_dir = cfg.out / "unlearn" / f"{cfg.method.name}-{run_key(cfg, target, prepared)}"
+    # LoRA starts at B = 0, so its starting model is the target itself and shares the cache.
+    ref_key = content_hash(model_identity(target), prepared.fingerprint, cfg.seed, cfg.train.bf16)
+    return run_dir, {"config": cfg.to_dict(), "target": target, "data": str(prepared.path),
+                     "data_fingerprint": prepared.fingerprint, "run_dir": str(run_dir),
+                     "ref_cache": str(cfg.out / "reference" / f"{ref_key}.safetensors")}
+
+
+def unlearn(cfg: ExperimentConfig) -> Unlearned:
+    """Unlearn the forget set from the target (built or given) with `cfg.method`; reuse a finished run."""
+    raise_if(launch_problems(cfg))
+    built = build_models(cfg)
+    prepared = prepare(cfg)
+    target = str(built.target)
+    raise_if(data_problems(cfg, prepared, target))
+
+    run_dir, spec = job_spec(cfg, target, prepared)
+    summary_path = run_dir / "run_summary.json"
+    if summary_path.is_file():
+        return Unlearned(run_dir / "model", run_dir, _with_probabilities(cfg, built, prepared, run_dir), cached=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    launch(cfg, spec, run_dir)
+    return Unlearned(run_dir / "model", run_dir, _with_probabilities(cfg, built, prepared, run_dir), cached=False)
+
+
+def _with_probabilities(cfg: ExperimentConfig, built: Any, prepared: PreparedData, run_dir: Path) -> dict[str, Any]:
+    """The run summary with the target's and the unlearned model's mean answer probability per split."""
+    path = run_dir / "run_summary.json"
+    summary = json.loads(path.read_text())
+    if "probability" not in summary:
+        summary["probability"] = {"target": built.summary["probability"]["target"],
+                                  "unlearned": probabilities(run_dir / "model", prepared, cfg)}
+        tmp = path.with_name(".run_summary.json.tmp")
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, path)
+    return summary
