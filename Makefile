@@ -16,7 +16,7 @@ export DO_NOT_TRACK ?= true
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: env demo test test-all clean
+.PHONY: env demo test test-all bench clean
 
 env: $(STAMP)
 
@@ -30,6 +30,7 @@ $(STAMP): requirements.lock pyproject.toml
 demo: env
 	$(BIN)/unlearn prepare configs/demo.yaml
 	$(BIN)/unlearn build-models configs/demo.yaml
+	$(BIN)/unlearn unlearn configs/demo.yaml
 
 test: env
 	$(BIN)/ruff check unlearning tests
@@ -38,6 +39,9 @@ test: env
 
 test-all: env
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: env
+	$(BIN)/python bench/bench_unlearn.py
 
 
 clean:

@@ -40,6 +40,15 @@ class BuiltModels:
     summary: dict[str, Any]
 
 
+def model_identity(path: str | Path) -> str:
+    """A cheap content identity of a checkpoint directory: its config and its weight files' sizes/times."""
+    path = Path(path)
+    if not path.is_dir():
+        return content_hash(str(path))  # a hub name: the name (and the hub's revision pinning) identifies it
+    files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors"))
+    return content_hash(str(path.resolve()), [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+
+
 def training_splits(cfg: ExperimentConfig, role: str) -> list[str]:
     """Splits a role is fine-tuned on; the synthetic world facts stay in both (a utility measure)."""
     base = ["forget", "retain"] if role == "target" else ["retain"]
@@ -150,6 +159,19 @@ def probabilities(model_dir: Path, prepared: PreparedData, cfg: ExperimentConfig
     return out
 
 
+def _cached_probabilities(cfg: ExperimentConfig, paths: dict[str, Path], prepared: PreparedData
+                          ) -> dict[str, dict[str, float]] | None:
+    """The probabilities of the last summary when it describes these very models and data."""
+    path = cfg.out / "models" / "summary.json"
+    if not path.is_file():
+        return None
+    last = json.loads(path.read_text())
+    identity = last.get("identity", {})
+    same = last.get("data") == str(prepared.path) and all(
+        last.get(role) == str(p) and identity.get(role) == model_identity(p) for role, p in paths.items())
+    return last["probability"] if same else None
+
+
 def build_models(cfg: ExperimentConfig) -> BuiltModels:
     """Prepare data, then build (or reuse) the target and the retain oracle; write `models/summary.json`."""
     configs, problems = model_configs(cfg)
@@ -174,9 +196,11 @@ def build_models(cfg: ExperimentConfig) -> BuiltModels:
         built[role] = {**finetune(cfg, prepared, role, out), "cached": False}
 
     start = time.perf_counter()
-    probs = {role: probabilities(p, prepared, cfg) for role, p in paths.items()}
+    probs = _cached_probabilities(cfg, paths, prepared) or {
+        role: probabilities(p, prepared, cfg) for role, p in paths.items()}
     summary = {"target": str(paths["target"]), "oracle": str(paths["oracle"]), "data": str(prepared.path),
-               "builds": built, "probability": probs, "probe_s": round(time.perf_counter() - start, 2)}
+               "identity": {role: model_identity(p) for role, p in paths.items()}, "builds": built,
+               "probability": probs, "probe_s": round(time.perf_counter() - start, 2)}
     (cfg.out / "models").mkdir(parents=True, exist_ok=True)
     (cfg.out / "models" / "summary.json").write_text(json.dumps(summary, indent=2))
     return BuiltModels(paths["target"], paths["oracle"], summary)

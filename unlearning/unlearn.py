@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 from unlearning.config import ExperimentConfig, content_hash, dump_yaml
 from unlearning.data.prepare import PreparedData, prepare
 from unlearning.errors import UserError, raise_if
-from unlearning.models import build_models, probabilities
+from unlearning.models import build_models, model_identity, probabilities
 from unlearning.train.launch import free_port, launch_argv, on_gpu, read_hostfile
 from unlearning.train.objective import needs
 
@@ -37,15 +38,6 @@ class Unlearned:
     run_dir: Path
     summary: dict[str, Any]
     cached: bool
-
-
-def model_identity(path: str | Path) -> str:
-    """A cheap content identity of a checkpoint directory: its config and its weight files' sizes/times."""
-    path = Path(path)
-    if not path.is_dir():
-        return content_hash(str(path))  # a hub name: the name (and the hub's revision pinning) identifies it
-    files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors"))
-    return content_hash(str(path.resolve()), [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
 
 
 def world_size(cfg: ExperimentConfig) -> int:
@@ -137,6 +129,7 @@ def launch(cfg: ExperimentConfig, spec: dict[str, Any], run_dir: Path) -> None:
                        master_addr=master_addr, master_port=port, node_rank=int(os.environ.get("NODE_RANK", "0")),
                        on_cpu=not on_gpu())
     log = run_dir / "train.log"
+    print(f"training {cfg.method.name} on {world_size(cfg)} rank(s); log: {log}", file=sys.stderr, flush=True)
     with log.open("a") as out:
         out.write(f"$ {' '.join(argv)}\n")
         out.flush()

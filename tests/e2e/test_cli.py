@@ -16,12 +16,13 @@ def unlearn(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_validate_prints_the_resolved_config(tmp_path):
-    res = unlearn("validate", str(REPO / "configs/demo.yaml"), "train.lr=3e-5", "method.name=simnpo", cwd=tmp_path)
+    res = unlearn("validate", str(REPO / "configs/demo.yaml"), "train.lr=3e-5", "method.name=simnpo",
+                  "method.beta=0.5", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     resolved = yaml.safe_load(res.stdout)
     assert resolved["train"]["lr"] == 3e-5
-    assert resolved["method"] == {"name": "simnpo", "gamma": 0.125, "alpha": 1.0, "retain_loss": "nll",
-                                  "beta": 0.1, "delta": 0.0}  # beta from demo.yaml, delta default
+    assert resolved["method"] == {"name": "simnpo", "gamma": 0.125, "alpha": 5.0, "retain_loss": "nll",
+                                  "beta": 0.5, "delta": 0.0}  # alpha from demo.yaml, beta overridden, delta default
 
 
 def test_validate_lists_every_error_and_exits_nonzero(tmp_path):

@@ -77,6 +77,9 @@ def jobs(tmp_path_factory) -> Jobs:
     for stage in (2, 3):
         runs = {f"{m}-z{stage}": jobs.config({"name": m}, num_processes=2, zero_stage=stage) for m in METHODS}
         if stage == 2:
+            runs["npo-z0"] = jobs.config({"name": "npo"}, num_processes=2, zero_stage=0)
+            runs["npo-z1"] = jobs.config({"name": "npo"}, num_processes=2, zero_stage=1)
+            runs["npo-bf16"] = jobs.config({"name": "npo"}, num_processes=2, bf16=True)
             runs["graddiff-accum"] = jobs.config({"name": "graddiff"}, num_processes=2, batch_size=1, grad_accum=2)
             runs["lora-kl"] = jobs.config({"name": "graddiff", "retain_loss": "kl"}, num_processes=2, lr=1e-2,
                                           gradient_checkpointing=True, lora={"enabled": True, "r": 4})
@@ -134,6 +137,18 @@ def test_zero2_and_zero3_take_the_same_steps(jobs, method):
     on parameters whose gradient is near zero, hence a margin: 1e-5 relative (1e-6 absolute near 0)."""
     z2, z3 = jobs.losses(f"{method}-z2"), jobs.losses(f"{method}-z3")
     assert z2 == pytest.approx(z3, rel=1e-5, abs=1e-6)
+
+
+def test_zero0_and_zero1_take_the_same_steps_and_bf16_trains(jobs):
+    for stage in (0, 1):
+        assert jobs.losses(f"npo-z{stage}") == pytest.approx(jobs.losses("npo-z2"), rel=1e-5, abs=1e-6)
+    saved = load_causal_lm(jobs.runs["npo-z0"] / "model").state_dict()
+    engine = load_file(str(jobs.runs["npo-z0"] / "engine_weights.safetensors"))
+    assert all(torch.equal(v, engine[k]) for k, v in saved.items())
+    bf16 = jobs.losses("npo-bf16")  # bf16 weights and activations: the same run to ~1e-2
+    assert bf16 == pytest.approx(jobs.losses("npo-z2"), rel=2e-2)
+    model_dir = jobs.runs["npo-bf16"] / "model"
+    assert _forget_logp(jobs, model_dir).mean() < _forget_logp(jobs, jobs.target).mean()
 
 
 @pytest.mark.parametrize("method", ["graddiff", "npo"])

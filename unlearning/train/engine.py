@@ -229,11 +229,18 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return latest.read_text().strip() if latest.is_file() else None
 
 
-def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """The full fp32 weights of a (possibly ZeRO-partitioned) checkpoint, read on one process."""
+def consolidated_state_dict(ckpt_dir: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The full fp32 weights of a (possibly ZeRO-partitioned) checkpoint, read on one process.
+
+    Stages 1-3 keep fp32 master weights in partitioned optimizer states, which DeepSpeed's zero_to_fp32
+    reassembles; without ZeRO the model-states file holds the whole module.
+    """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    if zero_stage > 0:
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    states = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return {k: v.float() for k, v in states["module"].items()}
 
 
 def gathered_state_dict(engine: Any) -> dict[str, torch.Tensor]:

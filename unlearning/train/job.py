@@ -45,6 +45,7 @@ class JobOutput:
     engine: Any
     result: LoopResult
     summary: dict[str, Any]
+    zero3_handle: Any = None
 
 
 def apply_lora(model: Any, lora: LoraConfig) -> Any:
@@ -98,7 +99,7 @@ def export_model(cfg: ExperimentConfig, ckpt_dir: Path, tag: str, target: str, t
     `run_dir/adapter`. Written to temporary directories and renamed into place."""
     from unlearning.models import DTYPES, load_causal_lm
 
-    state = ds.consolidated_state_dict(ckpt_dir, tag)
+    state = ds.consolidated_state_dict(ckpt_dir, tag, cfg.train.zero_stage)
     with ds.plain_loading():
         model = load_causal_lm(target, "float32", cfg.model.trust_remote_code)
     if cfg.train.lora.enabled:
@@ -132,16 +133,19 @@ def export_model(cfg: ExperimentConfig, ckpt_dir: Path, tag: str, target: str, t
     return paths
 
 
-def _peak_memory_mb(device: torch.device) -> dict[str, float]:
-    """Peak resident memory (max over ranks) and, on GPUs, peak allocated device memory."""
-    rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0], dtype=torch.float64)
-    gpu = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0],
-                       dtype=torch.float64)
-    both = torch.cat([rss, gpu]).to(device)
-    dist.all_reduce(both, op=dist.ReduceOp.MAX)
-    out = {"peak_rss_mb": round(float(both[0]), 1)}
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _peak_memory_mb(device: torch.device, rss_start_mb: float) -> dict[str, float]:
+    """Peak resident memory, the resident memory before the model was loaded (libraries only), and on
+    GPUs the peak allocated device memory; each the max over ranks."""
+    gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+    values = torch.tensor([_peak_rss_mb(), rss_start_mb, gpu], dtype=torch.float64).to(device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    out = {"peak_rss_mb": round(float(values[0]), 1), "rss_before_model_mb": round(float(values[1]), 1)}
     if device.type == "cuda":
-        out["peak_gpu_mb"] = round(float(both[1]), 1)
+        out["peak_gpu_mb"] = round(float(values[2]), 1)
     return out
 
 
@@ -166,9 +170,11 @@ def run(spec: dict[str, Any]) -> JobOutput:
     ckpt_dir = run_dir / "checkpoints"
     run_dir.mkdir(parents=True, exist_ok=True)
     place = ds.init_distributed()
+    rss_start_mb = _peak_rss_mb()
     torch.manual_seed(cfg.seed)  # LoRA's initialisation, identical on every rank
 
     ds_config = ds.deepspeed_config(train, place.world)
+    # The handle must outlive the engine: it tells transformers that ZeRO-3 partitions this model.
     model, zero3_handle = ds.load_for_training(spec["target"], ds_config, trust_remote_code=cfg.model.trust_remote_code)
     model.config.use_cache = False
     if train.gradient_checkpointing:
@@ -232,7 +238,7 @@ def run(spec: dict[str, Any]) -> JobOutput:
                            frozen=not train.lora.enabled, keep=train.keep_checkpoints)
     tokens = torch.tensor([result.tokens], dtype=torch.float64, device=place.device)
     dist.all_reduce(tokens)
-    memory = _peak_memory_mb(place.device)
+    memory = _peak_memory_mb(place.device, rss_start_mb)
 
     summary: dict[str, Any] = {}
     if place.rank == 0:
@@ -250,8 +256,7 @@ def run(spec: dict[str, Any]) -> JobOutput:
         }
         _write_json(run_dir / "run_summary.json", summary)
     dist.barrier()
-    del zero3_handle
-    return JobOutput(engine, result, summary)
+    return JobOutput(engine, result, summary, zero3_handle)
 
 
 def _utility_sample(prepared: PreparedData, cfg: ExperimentConfig) -> list[dict[str, Any]]:

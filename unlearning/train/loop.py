@@ -54,6 +54,10 @@ def _tokens(batch: dict[str, Any]) -> int:
     return sum(_tokens(part) for part in batch.values() if isinstance(part, dict))
 
 
+def _is_rank0() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
     """Average a step's metrics over the ranks of the process group (identity in one process)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -105,6 +109,9 @@ def run_loop(engine: Any, batches: Iterator[dict[str, Any]], objective: Objectiv
         result.steps = step
         bar.update(1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()})
+        if not show and _is_rank0() and (step % max(1, max_steps // 10) == 0 or step == max_steps):
+            print(f"{desc}: step {step}/{max_steps} " + " ".join(f"{k}={v:.4f}" for k, v in sums.items()),
+                  flush=True)  # progress for logs, where no bar is drawn
         reason = on_step(record) if on_step else None
         if reason:
             result.stopped_by = reason

@@ -1,0 +1,106 @@
+"""Unlearning engine benchmark, side by side in one run on the same model and data.
+
+1. Speed: GA and NPO steps through our engine (`unlearn` stage: launcher, DeepSpeed engine, the shared
+   loop) vs a `transformers.Trainer` subclass overriding `compute_loss` (bench/trainer_baseline.py).
+   Both run one process on this machine's device, same micro-batch, steps, optimizer and loss
+   functions; tokens/s counts the real tokens of every forward (forget + retain) over the training loop.
+2. Memory: NPO with reference log-probs cached before training vs GA (target: NPO ≤ GA + 5 %), and the
+   Trainer's NPO, which holds a reference model. Both methods run without a retain term (α=0), so
+   they differ only in the forget loss and in how NPO gets its reference. Memory is the process's peak
+   RSS minus its RSS before the model was loaded (the libraries), so it measures what training adds.
+
+    .venv/bin/python bench/bench_unlearn.py [--steps 40] [--zero-stage 0] [--hidden 512] [--layers 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def config(args: argparse.Namespace, method: str) -> Any:
+    from unlearning.config import validate_config
+
+    return validate_config({
+        "name": "bench-unlearn", "seed": 0, "output_dir": str(REPO / "runs/bench-unlearn"),
+        "data": {"synthetic": {"num_entities": 100}, "max_length": 64},
+        "model": {"tiny": {"hidden_size": args.hidden, "num_layers": args.layers, "num_heads": 8,
+                           "intermediate_size": args.hidden * 8 // 3},
+                  "finetune": {"epochs": 1, "batch_size": 32, "lr": 1e-3}},
+        # No retain term for either method, so the runs differ only in the forget loss and NPO's reference.
+        "method": {"name": method, "alpha": 0.0},
+        "train": {"lr": 1e-4, "max_steps": args.steps, "batch_size": args.batch_size, "num_processes": 1,
+                  "zero_stage": args.zero_stage, "warmup_ratio": 0.0},
+    })
+
+
+def ours(args: argparse.Namespace, method: str) -> dict[str, Any]:
+    from unlearning.unlearn import unlearn
+
+    s = unlearn(config(args, method)).summary
+    return {"tokens_per_s": s["tokens_per_s"], "train_s": s["train_s"],
+            "memory_mb": s["peak_rss_mb"] - s["rss_before_model_mb"]}
+
+
+def trainer(args: argparse.Namespace, method: str, target: str, prepared: Any) -> dict[str, Any]:
+    cfg = config(args, method)
+    work = cfg.out / "trainer" / method
+    work.mkdir(parents=True, exist_ok=True)
+    job = {"method": method, "target": target, "data": str(prepared.path), "fingerprint": prepared.fingerprint,
+           "steps": args.steps, "lr": cfg.train.lr, "batch_size": args.batch_size, "alpha": cfg.method.alpha}
+    (work / "job.json").write_text(json.dumps(job))
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))}
+    subprocess.run([sys.executable, str(REPO / "bench/trainer_baseline.py"), str(work / "job.json"),
+                    str(work / "result.json")], check=True, env=env, cwd=REPO)
+    r = json.loads((work / "result.json").read_text())
+    return {"tokens_per_s": r["tokens_per_s"], "train_s": r["train_s"],
+            "memory_mb": r["peak_rss_mb"] - r["rss_before_model_mb"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3])
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    args = parser.parse_args()
+
+    from unlearning.cli import _quiet_libraries
+    from unlearning.models import build_models
+    from unlearning.stages import prepare
+
+    _quiet_libraries()
+    cfg = config(args, "ga")
+    shutil.rmtree(cfg.out / "unlearn", ignore_errors=True)  # fresh runs, not the stage's cache
+    built = build_models(cfg)
+    prepared = prepare(cfg)
+    results = {}
+    for method in ("ga", "npo"):
+        results[method] = {"ours": ours(args, method), "trainer": trainer(args, method, str(built.target), prepared)}
+
+    print(f"\nmodel {args.hidden}x{args.layers}, micro-batch {args.batch_size}, {args.steps} steps, "
+          f"1 process, ours on DeepSpeed ZeRO-{args.zero_stage}")
+    print(f"{'method':<8}{'ours tok/s':>12}{'Trainer tok/s':>15}{'ratio':>8}{'ours MB':>10}{'Trainer MB':>12}")
+    for method, r in results.items():
+        o, t = r["ours"], r["trainer"]
+        print(f"{method:<8}{o['tokens_per_s']:>12.0f}{t['tokens_per_s']:>15.0f}"
+              f"{o['tokens_per_s'] / t['tokens_per_s']:>7.2f}x{o['memory_mb']:>10.0f}{t['memory_mb']:>12.0f}")
+    ga, npo = results["ga"], results["npo"]
+    ours_ratio = npo["ours"]["memory_mb"] / ga["ours"]["memory_mb"]
+    trainer_ratio = npo["trainer"]["memory_mb"] / ga["trainer"]["memory_mb"]
+    print(f"NPO memory / GA memory: ours (cached reference log-probs) {ours_ratio:.3f}, "
+          f"Trainer (reference model held) {trainer_ratio:.3f}")
+    (cfg.out / "bench.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
