@@ -69,10 +69,8 @@ def _ref_logits_fn(cfg: ExperimentConfig, engine: Any, target: str, ds_config: d
     return lambda batch: ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-def _streams(cfg: ExperimentConfig, engine: Any, prepared: PreparedData, ref_cache: str | None,
-             resumed: bool) -> tuple[dict[str, Stream], Any]:
-    splits, tok = prepared.splits(), prepared.tokenizer()
-    need = needs(cfg.method)
+def _streams(cfg: ExperimentConfig, engine: Any, splits: Any, tok: Any, need: dict[str, bool],
+             ref_cache: str | None, resumed: bool) -> dict[str, Stream]:
     rows = {"forget": list(splits["forget"])}
     if need["idk"]:
         rows["idk"] = refusal_rows(tok, cfg.data.template, rows["forget"], seed=cfg.seed,
@@ -90,7 +88,7 @@ def _streams(cfg: ExperimentConfig, engine: Any, prepared: PreparedData, ref_cac
     streams = {name: Stream(r, name, extra[name]) for name, r in rows.items()}
     if need["retain"]:
         streams["retain"] = Stream(list(splits["retain"]), "retain")
-    return streams, tok
+    return streams
 
 
 def export_model(cfg: ExperimentConfig, ckpt_dir: Path, tag: str, target: str, tokenizer: Any, run_dir: Path
@@ -188,15 +186,16 @@ def run(spec: dict[str, Any]) -> JobOutput:
     utility: list[dict[str, float]] = list(state.get("utility", []))
 
     prepared = PreparedData(Path(spec["data"]), spec["data_fingerprint"])
-    streams, tok = _streams(cfg, engine, prepared, spec.get("ref_cache"), resumed=start_step > 0)
-    ref_logits = _ref_logits_fn(cfg, engine, spec["target"], ds_config) if needs(cfg.method)["ref_model"] else None
+    splits, tok, need = prepared.splits(), prepared.tokenizer(), needs(cfg.method)
+    streams = _streams(cfg, engine, splits, tok, need, spec.get("ref_cache"), resumed=start_step > 0)
+    ref_logits = _ref_logits_fn(cfg, engine, spec["target"], ds_config) if need["ref_model"] else None
     objective = UnlearningObjective(cfg.method, ref_logits)
     layout = Layout(train.batch_size, place.world, train.grad_accum)
     batches = micro_batches(streams, layout, rank=place.rank, seed=cfg.seed, pad_id=tok.pad_token_id,
                             start_step=start_step, paired={"idk": "forget"} if "idk" in streams else None)
 
     stop = train.stop
-    sample = _utility_sample(prepared, cfg) if stop.utility_floor is not None else []
+    sample = _utility_sample(splits["retain"], cfg) if stop.utility_floor is not None else []
 
     def check_utility(step: int) -> float:
         p = mean_probability(engine.module, sample, pad_id=tok.pad_token_id, batch_size=cfg.eval.batch_size)
@@ -252,14 +251,13 @@ def run(spec: dict[str, Any]) -> JobOutput:
             "tokens": int(tokens.item()), "train_s": round(result.wall_s, 3),
             "tokens_per_s": round(float(tokens.item()) / result.wall_s, 1) if result.wall_s else 0.0,
             **memory, "wall_s": round(time.perf_counter() - start, 2),
-            "reference_cache": spec.get("ref_cache") if needs(cfg.method)["ref_logp"] else None,
+            "reference_cache": spec.get("ref_cache") if need["ref_logp"] else None,
         }
         _write_json(run_dir / "run_summary.json", summary)
     dist.barrier()
     return JobOutput(engine, result, summary, zero3_handle)
 
 
-def _utility_sample(prepared: PreparedData, cfg: ExperimentConfig) -> list[dict[str, Any]]:
-    retain = prepared.splits()["retain"]
+def _utility_sample(retain: Any, cfg: ExperimentConfig) -> list[dict[str, Any]]:
     order = torch.randperm(len(retain), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     return [retain[i] for i in order[: cfg.train.stop.utility_sample]]

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from safetensors.numpy import load_file, save_file
 
-from unlearning.evaluate.probes import answer_logprobs
+from unlearning.evaluate.probes import answer_logprobs, normalised_probability
 
 
 def sharded_answer_logprobs(module: Any, rows: Sequence[dict[str, Any]], *, pad_id: int, batch_size: int,
@@ -72,4 +72,4 @@ def reference_logprobs(module: Any, streams: Mapping[str, Sequence[dict[str, Any
 def mean_probability(module: Any, rows: Sequence[dict[str, Any]], *, pad_id: int, batch_size: int) -> float:
     """Mean length-normalised answer probability of `rows` (the utility-floor check), across ranks."""
     logp, ntok = sharded_answer_logprobs(module, rows, pad_id=pad_id, batch_size=batch_size)
-    return float(np.exp(logp / np.maximum(ntok, 1)).mean())
+    return float(normalised_probability(logp, ntok).mean())
