@@ -10,17 +10,12 @@ functions as our engine, so only the framework around them differs. Run in its o
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def main(job_path: Path, out_path: Path) -> None:
@@ -30,9 +25,10 @@ def main(job_path: Path, out_path: Path) -> None:
     from unlearning.data.tokenize import collate
     from unlearning.methods import METHODS, RETAIN_LOSSES
     from unlearning.methods.logprobs import sequence_logprobs
+    from unlearning.train.job import peak_rss_mb, rss_mb
 
     job = json.loads(job_path.read_text())
-    rss_before_model = peak_rss_mb()
+    rss_before_model = rss_mb()
     prepared = PreparedData(Path(job["data"]), job["fingerprint"])
     splits, pad = prepared.splits(), prepared.tokenizer().pad_token_id
     forget, retain = list(splits["forget"]), list(splits["retain"])

@@ -131,15 +131,25 @@ def export_model(cfg: ExperimentConfig, ckpt_dir: Path, tag: str, target: str, t
     return paths
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def rss_mb() -> float:
+    """The process's resident memory now (Linux; elsewhere the peak so far, an upper bound)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return peak_rss_mb()
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _peak_memory_mb(device: torch.device, rss_start_mb: float) -> dict[str, float]:
     """Peak resident memory, the resident memory before the model was loaded (libraries only), and on
     GPUs the peak allocated device memory; each the max over ranks."""
     gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
-    values = torch.tensor([_peak_rss_mb(), rss_start_mb, gpu], dtype=torch.float64).to(device)
+    values = torch.tensor([peak_rss_mb(), rss_start_mb, gpu], dtype=torch.float64).to(device)
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
     out = {"peak_rss_mb": round(float(values[0]), 1), "rss_before_model_mb": round(float(values[1]), 1)}
     if device.type == "cuda":
@@ -168,7 +178,7 @@ def run(spec: dict[str, Any]) -> JobOutput:
     ckpt_dir = run_dir / "checkpoints"
     run_dir.mkdir(parents=True, exist_ok=True)
     place = ds.init_distributed()
-    rss_start_mb = _peak_rss_mb()
+    rss_start_mb = rss_mb()  # now, not the peak: import spikes must not hide what training adds
     torch.manual_seed(cfg.seed)  # LoRA's initialisation, identical on every rank
 
     ds_config = ds.deepspeed_config(train, place.world)
