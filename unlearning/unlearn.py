@@ -21,7 +21,7 @@ from typing import Any
 from unlearning.config import ExperimentConfig, content_hash, dump_yaml
 from unlearning.data.prepare import PreparedData, prepare
 from unlearning.errors import UserError, raise_if
-from unlearning.models import build_models, model_identity, probabilities
+from unlearning.models import build_models, model_identity, probabilities, tiny_llama
 from unlearning.train.launch import free_port, launch_argv, on_gpu, read_hostfile
 from unlearning.train.objective import needs
 
@@ -57,8 +57,8 @@ def launch_problems(cfg: ExperimentConfig) -> list[str]:
     return problems
 
 
-def data_problems(cfg: ExperimentConfig, prepared: PreparedData, target: str) -> list[str]:
-    """Problems with running this method on this data and model, before any rank starts."""
+def data_problems(cfg: ExperimentConfig, prepared: PreparedData) -> list[str]:
+    """Problems with running this method on this data and model, found before any model is built."""
     counts = prepared.info()["counts"]
     need, world, problems = needs(cfg.method), world_size(cfg), []
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * world
@@ -71,22 +71,27 @@ def data_problems(cfg: ExperimentConfig, prepared: PreparedData, target: str) ->
         problems.append(f"the retain set has {counts.get('retain', 0)} examples, fewer than one global batch "
                         f"({global_batch}); lower the batch or set method.alpha=0")
     if cfg.train.lora.enabled:
-        problems += _lora_problems(cfg, target)
+        problems += _lora_problems(cfg, prepared.tokenizer())
     return problems
 
 
-def _lora_problems(cfg: ExperimentConfig, target: str) -> list[str]:
-    """Every LoRA target module name must match layers of the model (checked on an empty meta model)."""
+def _lora_problems(cfg: ExperimentConfig, tokenizer: Any) -> list[str]:
+    """Every LoRA target module name must match linear layers of the model that will be unlearned,
+    checked on an empty (meta-device) model of its architecture, before the target is even built."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(target, trust_remote_code=cfg.model.trust_remote_code)
+    source = cfg.model.target or (None if cfg.model.base == "tiny" else cfg.model.base)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+        if source is None:
+            model, source = tiny_llama(cfg, tokenizer), "the tiny model"
+        else:
+            config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
     leaves = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     unknown = [m for m in cfg.train.lora.target_modules if m not in leaves]
     if unknown:
-        return [f"train.lora.target_modules: {unknown} are not linear layers of {target}; "
+        return [f"train.lora.target_modules: {unknown} are not linear layers of {source}; "
                 f"valid names: {', '.join(sorted(leaves))}"]
     return []
 
@@ -151,10 +156,10 @@ def job_spec(cfg: ExperimentConfig, target: str, prepared: PreparedData) -> tupl
 def unlearn(cfg: ExperimentConfig) -> Unlearned:
     """Unlearn the forget set from the target (built or given) with `cfg.method`; reuse a finished run."""
     raise_if(launch_problems(cfg))
-    built = build_models(cfg)
     prepared = prepare(cfg)
+    raise_if(data_problems(cfg, prepared))
+    built = build_models(cfg)
     target = str(built.target)
-    raise_if(data_problems(cfg, prepared, target))
 
     run_dir, spec = job_spec(cfg, target, prepared)
     summary_path = run_dir / "run_summary.json"

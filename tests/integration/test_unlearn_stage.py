@@ -31,7 +31,7 @@ def test_problems_are_reported_before_any_rank_starts(tmp_path):
     text = "\n".join(e.value.problems)
     assert "forget set has 12 examples, fewer than one global batch (8 × 2 accumulation × 2 ranks = 32)" in text
     assert "['qkv'] are not linear layers" in text and "q_proj" in text
-    assert not (tmp_path / "unlearn").exists()  # nothing launched, nothing written
+    assert not (tmp_path / "unlearn").exists() and not (tmp_path / "models").exists()  # nothing built or run
     with pytest.raises(UserError, match=r"hostfile.*does not exist"):
         unlearn(config(tmp_path, hostfile=str(tmp_path / "nope")))
 
