@@ -145,15 +145,17 @@ def rss_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _peak_memory_mb(device: torch.device, rss_start_mb: float) -> dict[str, float]:
-    """Peak resident memory, the resident memory before the model was loaded (libraries only), and on
-    GPUs the peak allocated device memory; each the max over ranks."""
+def _peak_memory_mb(device: torch.device, rss_start_mb: float, train_peak_mb: float) -> dict[str, float]:
+    """Memory of the job, each the max over ranks: peak resident memory of the whole job and of the
+    training loop alone (before the final checkpoint is serialised), the resident memory before the
+    model was loaded (the libraries), and on GPUs the peak allocated device memory."""
     gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
-    values = torch.tensor([peak_rss_mb(), rss_start_mb, gpu], dtype=torch.float64).to(device)
+    values = torch.tensor([peak_rss_mb(), train_peak_mb, rss_start_mb, gpu], dtype=torch.float64).to(device)
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    out = {"peak_rss_mb": round(float(values[0]), 1), "rss_before_model_mb": round(float(values[1]), 1)}
+    out = {"peak_rss_mb": round(float(values[0]), 1), "train_peak_rss_mb": round(float(values[1]), 1),
+           "rss_before_model_mb": round(float(values[2]), 1)}
     if device.type == "cuda":
-        out["peak_gpu_mb"] = round(float(values[2]), 1)
+        out["peak_gpu_mb"] = round(float(values[3]), 1)
     return out
 
 
@@ -242,12 +244,13 @@ def run(spec: dict[str, Any]) -> JobOutput:
 
     result = run_loop(engine, batches, objective, max_steps=train.max_steps, grad_accum=train.grad_accum,
                       desc=f"unlearn {cfg.method.name}", start_step=start_step, on_step=on_step)
+    train_peak_mb = peak_rss_mb()
     if saved["step"] != result.steps or ds.latest_tag(ckpt_dir) is None:
         ds.save_checkpoint(engine, ckpt_dir, result.steps, client_state(result.steps),
                            frozen=not train.lora.enabled, keep=train.keep_checkpoints)
     tokens = torch.tensor([result.tokens], dtype=torch.float64, device=place.device)
     dist.all_reduce(tokens)
-    memory = _peak_memory_mb(place.device, rss_start_mb)
+    memory = _peak_memory_mb(place.device, rss_start_mb, train_peak_mb)
 
     summary: dict[str, Any] = {}
     if place.rank == 0:
