@@ -174,6 +174,10 @@ def initialize(model: torch.nn.Module, ds_config: dict[str, Any], *, total_steps
     params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, config=ds_config, model_parameters=params,
                                       lr_scheduler=lambda opt: warmup_cosine(opt, total_steps, warmup_ratio))
+    if ds_config["zero_optimization"]["stage"] == 0 and dist.get_world_size() == 1:
+        # Without ZeRO, DeepSpeed all-reduces gradients through a flat copy of all of them, even alone:
+        # one model's size of memory and two copies per step for a reduction that changes nothing.
+        engine.enable_backward_allreduce = False
     return engine
 
 
