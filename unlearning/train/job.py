@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from transformers import AutoModelForCausalLM  # noqa: F401  (imported before memory is measured)
 
 from unlearning.config import ExperimentConfig, LoraConfig, validate_config
 from unlearning.data.pairing import refusal_rows

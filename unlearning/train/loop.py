@@ -1,7 +1,9 @@
 """The one training loop, shared by model building and every unlearning method.
 
 The loop knows nothing about methods: an `Objective` turns (engine, micro-batch) into a scalar loss and
-a dict of float metrics; the engine handles accumulation, clipping and the optimizer.
+a dict of detached scalar metric tensors; the engine handles accumulation, clipping and the optimizer.
+Metrics stay on the device until the end of each step, which reads them all at once (one device sync
+per step, not one per metric and micro-batch).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from tqdm.auto import tqdm
 
 from unlearning.methods.logprobs import mean_token_nll
 
-Objective = Callable[[Any, dict[str, Any]], tuple[torch.Tensor, dict[str, float]]]
+Objective = Callable[[Any, dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 OnStep = Callable[[dict[str, float]], str | None]
 
 
@@ -40,11 +42,11 @@ class LoopResult:
         return self.tokens / self.wall_s if self.wall_s else 0.0
 
 
-def nll_objective(engine: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+def nll_objective(engine: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Plain fine-tuning: mean NLL of the answer tokens."""
     out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     loss = mean_token_nll(out.logits, batch["labels"])
-    return loss, {"loss": float(loss.detach())}
+    return loss, {"loss": loss.detach()}
 
 
 def _tokens(batch: dict[str, Any]) -> int:
@@ -58,14 +60,14 @@ def _is_rank0() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
-    """Average a step's metrics over the ranks of the process group (identity in one process)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return metrics
+def mean_over_ranks(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """A step's metrics averaged over the ranks of the process group, read off the device in one go."""
     keys = sorted(metrics)
-    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(values)
-    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, values.tolist(), strict=True)}
+    values = torch.stack([metrics[k].double() for k in keys])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return dict(zip(keys, values.tolist(), strict=True))
 
 
 def run_loop(engine: Any, batches: Iterator[dict[str, Any]], objective: Objective, *, max_steps: int,
@@ -88,7 +90,7 @@ def run_loop(engine: Any, batches: Iterator[dict[str, Any]], objective: Objectiv
     bar = tqdm(total=max_steps, initial=start_step, desc=desc, disable=not show, leave=False)
     engine.module.train()
     for step in range(start_step + 1, max_steps + 1):
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         lr = engine.get_lr()[0]  # the rate this step's update uses
         for _ in range(grad_accum):
             batch = next(batches, None)
@@ -99,18 +101,18 @@ def run_loop(engine: Any, batches: Iterator[dict[str, Any]], objective: Objectiv
             engine.step()
             result.tokens += _tokens(batch)
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v / grad_accum
-        sums = mean_over_ranks(sums)
-        if not math.isfinite(sums.get("loss", 0.0)):
-            raise NonFiniteLoss(f"{desc}: the loss is {sums['loss']} at step {step}; lower train.lr, or bound "
+                sums[k] = sums[k] + v / grad_accum if k in sums else v / grad_accum
+        means = mean_over_ranks(sums)
+        if not math.isfinite(means.get("loss", 0.0)):
+            raise NonFiniteLoss(f"{desc}: the loss is {means['loss']} at step {step}; lower train.lr, or bound "
                                 "the run with train.max_steps or a train.stop rule")
-        record = {"step": step, "lr": lr, **sums}
+        record = {"step": step, "lr": lr, **means}
         result.history.append(record)
         result.steps = step
         bar.update(1)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()})
+        bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()})
         if not show and _is_rank0() and (step % max(1, max_steps // 10) == 0 or step == max_steps):
-            print(f"{desc}: step {step}/{max_steps} " + " ".join(f"{k}={v:.4f}" for k, v in sums.items()),
+            print(f"{desc}: step {step}/{max_steps} " + " ".join(f"{k}={v:.4f}" for k, v in means.items()),
                   flush=True)  # progress for logs, where no bar is drawn
         reason = on_step(record) if on_step else None
         if reason:

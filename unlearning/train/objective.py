@@ -38,7 +38,7 @@ class UnlearningObjective:
     """The objective of an unlearning run.
 
     Called with the engine and a micro-batch `{"forget": ..., "retain": ..., "idk": ...}` (each the output
-    of `sampler.Stream.batch`), it returns the loss and float metrics: `loss`, `forget_loss`,
+    of `sampler.Stream.batch`), it returns the loss and detached scalar metrics: `loss`, `forget_loss`,
     `retain_loss` when there is a retain term, and `forget_nll`, the forget answers' mean token NLL
     (step-normalised, so its average over ranks and micro-batches is the global step's value).
 
@@ -58,7 +58,7 @@ class UnlearningObjective:
         if self._needs["ref_model"] and self.ref_logits is None:
             raise ValueError(f"retain loss {self.method.retain_loss!r} needs a reference model's logits")
 
-    def __call__(self, engine: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(self, engine: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         device = _device(engine)
         batch = {name: {k: v.to(device) for k, v in part.items()} for name, part in batch.items()}
         forget = _answer_logprobs(engine, batch["forget"])
@@ -66,7 +66,7 @@ class UnlearningObjective:
             "forget": forget}
         forget_loss = self._forget_fn(**inputs, **self.method.params)
         loss = float(self.method.gamma or 0.0) * forget_loss
-        metrics = {"forget_loss": float(forget_loss.detach()), "forget_nll": float(-forget.token_mean().detach())}
+        metrics = {"forget_loss": forget_loss.detach(), "forget_nll": -forget.token_mean().detach()}
         if self._retain_fn is not None:
             retain = batch["retain"]
             logits = engine(input_ids=retain["input_ids"], attention_mask=retain["attention_mask"]).logits
@@ -76,8 +76,8 @@ class UnlearningObjective:
                     ref = self.ref_logits(retain)
             retain_loss = self._retain_fn(logits, retain, ref)
             loss = loss + float(self.method.alpha or 0.0) * retain_loss
-            metrics["retain_loss"] = float(retain_loss.detach())
-        metrics["loss"] = float(loss.detach())
+            metrics["retain_loss"] = retain_loss.detach()
+        metrics["loss"] = loss.detach()
         return loss, metrics
 
 
