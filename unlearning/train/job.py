@@ -20,9 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# Libraries the job needs anyway, imported before its baseline memory is measured (`rss_before_model_mb`),
+# so that the reported training memory holds model, optimizer, activations and data, not module imports.
+import datasets  # noqa: F401
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM  # noqa: F401  (imported before memory is measured)
+from transformers import AutoModelForCausalLM  # noqa: F401
 
 from unlearning.config import ExperimentConfig, LoraConfig, validate_config
 from unlearning.data.pairing import refusal_rows
