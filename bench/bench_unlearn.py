@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -105,8 +106,9 @@ def main() -> None:
           f"1 process, ours on DeepSpeed ZeRO-{args.zero_stage}; best of {args.repeats} alternating runs")
     print(f"{'method':<8}{'ours tok/s':>12}{'Trainer tok/s':>15}{'ratio':>8}{'ours MB':>10}{'Trainer MB':>12}")
     for method, r in results.items():
-        print(f"{method} tok/s per run: ours {[round(x['tokens_per_s']) for x in r['all']['ours']]}, "
-              f"Trainer {[round(x['tokens_per_s']) for x in r['all']['trainer']]}")
+        o_runs, t_runs = ([x["tokens_per_s"] for x in r["all"][side]] for side in ("ours", "trainer"))
+        print(f"{method} tok/s per run: ours {[round(x) for x in o_runs]}, Trainer {[round(x) for x in t_runs]}; "
+              f"median ratio {statistics.median(o_runs) / statistics.median(t_runs):.2f}x")
     for method, r in results.items():
         o, t = r["ours"], r["trainer"]
         print(f"{method:<8}{o['tokens_per_s']:>12.0f}{t['tokens_per_s']:>15.0f}"
