@@ -2,8 +2,9 @@
 
 1. Speed: GA and NPO steps through our engine (`unlearn` stage: launcher, DeepSpeed engine, the shared
    loop) vs a `transformers.Trainer` subclass overriding `compute_loss` (bench/trainer_baseline.py).
-   Both run one process on this machine's device, same micro-batch, steps, optimizer and loss
-   functions; tokens/s counts the real tokens of every forward (forget + retain) over the training loop.
+   Both run one process on this machine's device, same micro-batch, steps, optimizer (AdamW with
+   torch's fused kernel: the Trainer's default, and ours) and loss functions; tokens/s counts the real
+   tokens of every forward (forget + retain) over the training loop.
 2. Memory: NPO with reference log-probs cached before training vs GA (target: NPO ≤ GA + 5 %), and the
    Trainer's NPO, which holds a reference model. Ours is measured up to the end of the training loop
    (the Trainer baseline saves no checkpoint either). Both methods run without a retain term (α=0), so

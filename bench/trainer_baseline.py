@@ -83,7 +83,7 @@ def main(job_path: Path, out_path: Path) -> None:
     args = TrainingArguments(
         output_dir=str(out_path.parent / "trainer-out"), use_cpu=True, per_device_train_batch_size=job["batch_size"],
         max_steps=job["steps"], learning_rate=job["lr"], lr_scheduler_type="cosine", warmup_steps=0,
-        weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", report_to=[], save_strategy="no",
+        weight_decay=0.0, max_grad_norm=1.0, report_to=[], save_strategy="no",
         logging_strategy="no", disable_tqdm=True, remove_unused_columns=False, dataloader_drop_last=True,
         seed=0)
     trainer = UnlearningTrainer(model=model, args=args, train_dataset=Pairs(), data_collator=counting_collator,

@@ -46,7 +46,8 @@ class TorchEngine:
         self.grad_accum = grad_accum
         self.max_grad_norm = max_grad_norm
         params = [p for p in module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        fused = all(p.device.type in ("cpu", "cuda") for p in params) or None  # one kernel per tensor
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
         self.scheduler = warmup_cosine(self.optimizer, total_steps, warmup_ratio)
         self.micro_steps = 0
 
@@ -172,13 +173,32 @@ def initialize(model: torch.nn.Module, ds_config: dict[str, Any], *, total_steps
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config, model_parameters=params,
+    optimizer, ds_config = _client_optimizer(params, ds_config)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config, model_parameters=params, optimizer=optimizer,
                                       lr_scheduler=lambda opt: warmup_cosine(opt, total_steps, warmup_ratio))
     if ds_config["zero_optimization"]["stage"] == 0 and dist.get_world_size() == 1:
         # Without ZeRO, DeepSpeed all-reduces gradients through a flat copy of all of them, even alone:
         # one model's size of memory and two copies per step for a reduction that changes nothing.
         engine.enable_backward_allreduce = False
     return engine
+
+
+def _client_optimizer(params: list[torch.nn.Parameter], ds_config: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """torch's fused AdamW for the config's `torch_adam` optimizer, and the config left to DeepSpeed.
+
+    DeepSpeed builds torch's AdamW with the per-tensor loop (a dozen kernel launches per parameter); the
+    fused kernel does one pass per tensor on CPU and CUDA, as `transformers.Trainer` does by default. Under
+    ZeRO, DeepSpeed hands this optimizer its fp32 partitions, so the update is the same AdamW. With
+    offload the config's DeepSpeed CPU Adam stays, and None is returned.
+    """
+    spec = ds_config.get("optimizer", {})
+    hyper = dict(spec.get("params", {}))
+    if not hyper.pop("torch_adam", False):
+        return None, ds_config
+    fused = all(p.device.type in ("cpu", "cuda") for p in params) or None
+    optimizer = torch.optim.AdamW(params, lr=hyper["lr"], betas=tuple(hyper["betas"]), eps=hyper["eps"],
+                                  weight_decay=hyper["weight_decay"], fused=fused)
+    return optimizer, {k: v for k, v in ds_config.items() if k != "optimizer"}
 
 
 def frozen_reference(path: str | Path, ds_config: dict[str, Any], *, dtype: torch.dtype,
