@@ -52,7 +52,12 @@ def model_identity(path: str | Path) -> str:
 def training_splits(cfg: ExperimentConfig, role: str) -> list[str]:
     """Splits a role is fine-tuned on; the synthetic world facts stay in both (a utility measure)."""
     base = ["forget", "retain"] if role == "target" else ["retain"]
-    return [*base, "utility"] if cfg.data.source == "synthetic" else base
+    return [*base, "world_facts"] if cfg.data.source == "synthetic" else base
+
+
+def training_seed(cfg: ExperimentConfig) -> int:
+    """Seed of a built model's initialisation and data order."""
+    return cfg.seed if cfg.model.finetune.seed is None else cfg.model.finetune.seed
 
 
 def tiny_llama(cfg: ExperimentConfig, tokenizer: Any) -> Any:
@@ -67,7 +72,7 @@ def tiny_llama(cfg: ExperimentConfig, tokenizer: Any) -> Any:
         tie_word_embeddings=t.tie_embeddings, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(training_seed(cfg))
     return LlamaForCausalLM(config)
 
 
@@ -133,7 +138,7 @@ def finetune(cfg: ExperimentConfig, prepared: PreparedData, role: str, out: Path
     total = steps_per_epoch * ft.epochs
     engine = TorchEngine(model, lr=ft.lr, weight_decay=ft.weight_decay, max_grad_norm=ft.max_grad_norm,
                          grad_accum=1, total_steps=total, warmup_ratio=ft.warmup_ratio)
-    result = run_loop(engine, _batches(rows, ft.batch_size, tokenizer.pad_token_id, cfg.seed), nll_objective,
+    result = run_loop(engine, _batches(rows, ft.batch_size, tokenizer.pad_token_id, training_seed(cfg)), nll_objective,
                       max_steps=total, grad_accum=1, desc=f"build {role}")
     info = {"role": role, "splits": training_splits(cfg, role), "examples": len(rows), "steps": result.steps,
             "epochs": ft.epochs, "final_loss": float(np.mean([h["loss"] for h in result.history[-steps_per_epoch:]])),

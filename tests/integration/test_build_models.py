@@ -19,7 +19,7 @@ def test_prepare_is_cached_by_fingerprint_and_changes_with_inputs(pico):
     other = prepare(pico(seed=1))
     assert other.fingerprint != first.fingerprint and first.path.exists()
     splits = first.splits()
-    assert set(splits) == {"forget", "retain", "holdout", "utility"}
+    assert set(splits) == {"forget", "retain", "holdout", "world_facts"}
     assert first.info()["counts"]["forget"] == 12  # 3 people × 4 facts
 
 
@@ -32,8 +32,8 @@ def test_build_trains_both_models_then_reuses_them(pico):
     model = load_causal_lm(built.target)
     assert model.config.model_type == "llama"
     info = built.summary["builds"]
-    assert info["target"]["splits"] == ["forget", "retain", "utility"]
-    assert info["oracle"]["splits"] == ["retain", "utility"]
+    assert info["target"]["splits"] == ["forget", "retain", "world_facts"]
+    assert info["oracle"]["splits"] == ["retain", "world_facts"]
     assert not info["target"]["cached"] and not info["oracle"]["cached"]
     # The target saw the forget facts, the oracle did not.
     probs = built.summary["probability"]

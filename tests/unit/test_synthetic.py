@@ -22,7 +22,7 @@ def test_splits_are_by_person_and_never_overlap():
     questions = {s: {r["question"] for r in splits[s]} for s in people}
     assert not questions["forget"] & questions["retain"]
     assert all(len(splits[s]) == 5 * len(people[s]) for s in people)
-    assert len(splits["utility"]) == 12
+    assert len(splits["world_facts"]) == 12
 
 
 def test_every_item_has_paraphrases_and_distinct_wrong_answers():

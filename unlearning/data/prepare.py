@@ -1,7 +1,7 @@
 """The prepare stage: splits + tokenizer + encoded answers, saved under a content fingerprint.
 
 Output: `<output_dir>/data/<fingerprint>/` holding `splits/` (a `datasets.DatasetDict` written by
-`save_to_disk`, one split each of forget / retain / holdout / utility / extra eval sets), `tokenizer/`
+`save_to_disk`, one split each of forget / retain / holdout / world_facts / other eval sets), `tokenizer/`
 and `fingerprint.json`. The fingerprint covers the records (so the source and its revision), the
 tokenizer, the template, the maximum length and the seed: same inputs, same directory, reused as is.
 """

@@ -170,7 +170,7 @@ def split_counts(num: int, forget_fraction: float, holdout_fraction: float) -> t
 
 
 def generate(cfg: SyntheticData, forget_fraction: float, holdout_fraction: float, seed: int) -> dict[str, list[dict]]:
-    """Generate the splits `forget`, `retain`, `holdout` (by person) and `utility` (world facts).
+    """Generate the splits `forget`, `retain`, `holdout` (by person) and `world_facts`.
 
     Deterministic for a seed; no person appears in two splits. Every record has `entity`, `kind`,
     `question`, `answer`, `paraphrased_question`, `paraphrased_answer` and `perturbed_answer` (a list).
@@ -194,6 +194,6 @@ def generate(cfg: SyntheticData, forget_fraction: float, holdout_fraction: float
     splits = {s: [qa for i in sorted(idx) for qa in people[i]] for s, idx in by_split.items()}
     countries = _unique_words(rng, max(1, -(-cfg.num_utility // len(_WORLD_KINDS))), (2, 3), taken)
     world = [_qa(k, c, rng, pools, cfg.num_perturbed, cfg.answer_style) for c in countries for k in _WORLD_KINDS]
-    splits["utility"] = world[:cfg.num_utility]
+    splits["world_facts"] = world[:cfg.num_utility]
     return splits
 
