@@ -130,7 +130,7 @@ class TinyModel(Strict):
 
 
 class Finetune(Strict):
-    """Recipe that builds both the target (forget ∪ retain ∪ utility) and the oracle (retain ∪ utility)."""
+    """Recipe that builds both the target (forget ∪ retain ∪ world facts) and the oracle (retain ∪ world facts)."""
 
     epochs: int = Field(30, ge=1)
     lr: PositiveFloat = 2e-3
@@ -138,6 +138,8 @@ class Finetune(Strict):
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
+    seed: int | None = Field(None, description="initialisation and data-order seed; default: the experiment's "
+                             "seed (another seed on the same data gives a second oracle to calibrate against)")
 
 
 class ModelConfig(Strict):
