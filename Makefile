@@ -31,9 +31,10 @@ demo: env
 	$(BIN)/unlearn prepare configs/demo.yaml
 	$(BIN)/unlearn build-models configs/demo.yaml
 	$(BIN)/unlearn unlearn configs/demo.yaml
+	$(BIN)/unlearn eval configs/demo.yaml
 
 test: env
-	$(BIN)/ruff check unlearning tests
+	$(BIN)/ruff check unlearning tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
@@ -42,6 +43,7 @@ test-all: env
 
 bench: env
 	$(BIN)/python bench/bench_unlearn.py
+	$(BIN)/python bench/bench_eval.py
 
 
 clean:

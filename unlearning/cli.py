@@ -100,11 +100,46 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
     console.print(f"model: {s['model']}" + (f"\nadapter: {s['adapter']}" if s.get("adapter") else ""), markup=False)
 
 
+HEADLINE = ("forget_quality", "model_utility", "forget_probability", "forget_rouge", "forget_truth_ratio",
+            "forget_paraphrased_probability", "retain_probability", "retain_rouge", "forget_knowmem", "retain_knowmem",
+            "mia_min_k_auc", "privleak", "forget_extraction_strength")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from unlearning.config import load_config
+    from unlearning.stages import evaluate
+
+    cfg = load_config(args.config, args.overrides)
+    _quiet_libraries()
+    results = evaluate(cfg)
+    present = {k for r in results.values() for k in r.metrics}
+    table = Table(title=f"Evaluation, {cfg.eval.suite} suite (n/a: unavailable, reason in eval.json)")
+    table.add_column("metric")
+    for label in results:
+        table.add_column(label, justify="right")
+    for metric in (k for k in HEADLINE if k in present):
+        table.add_row(metric, *(_fmt(r.metrics.get(metric)) for r in results.values()))
+    console = Console()
+    console.print(table)
+    for label, r in results.items():
+        console.print(f"{label}: {r.eval_dir / 'eval.json'}{' (cached)' if r.cached else ''}", markup=False)
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.2e}" if v != 0 and abs(v) < 1e-2 else f"{v:.3f}"
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "validate": (cmd_validate, "check a config and print it resolved (every error at once)"),
     "prepare": (cmd_prepare, "build the forget/retain/holdout/eval splits and the tokenizer"),
     "build-models": (cmd_build_models, "build (or reuse) the target model and the retain oracle"),
     "unlearn": (cmd_unlearn, "unlearn the forget set from the target with method.name (DeepSpeed ranks)"),
+    "eval": (cmd_eval, "evaluate eval.models (target, oracle, unlearned, LABEL=PATH) with eval.suite"),
 }
 
 

@@ -228,10 +228,37 @@ class MergeConfig(Strict):
     lambdas: list[float] = Field(default_factory=lambda: [1.0, 2.0, 5.0])
 
 
+EVAL_ROLES = ("target", "oracle", "unlearned")
+
+
 class EvalConfig(Strict):
-    suite: str = "tofu"
+    suite: str = Field("tofu", description="tofu | muse | quick (unlearning/evaluate/suites.py)")
+    models: list[str] = Field(
+        default_factory=lambda: list(EVAL_ROLES),
+        description="what `unlearn eval` evaluates: roles (target, oracle, unlearned: built or reused) and "
+                    "LABEL=PATH checkpoints; forget quality and PrivLeak are measured against the oracle")
+    splits: list[str] | None = Field(None, description="prepared splits to evaluate; default: all of them")
+    utility_splits: list[str] = Field(default_factory=lambda: ["real_authors", "world_facts"],
+                                      description="splits that enter model utility beside retain, when present")
     batch_size: int = Field(32, ge=1)
     max_new_tokens: int = Field(32, ge=1)
+
+    @pydantic.field_validator("models")
+    @classmethod
+    def _check_models(cls, models: list[str]) -> list[str]:
+        problems = []
+        for m in models:
+            label, sep, path = m.partition("=")
+            if sep and not (re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", label) and path):
+                problems.append(f"{m!r}: write LABEL=PATH with a plain label, e.g. oracle2=runs/x/models/oracle-…")
+            elif not sep and m not in EVAL_ROLES:
+                problems.append(f"{m!r} is neither a role ({', '.join(EVAL_ROLES)}) nor LABEL=PATH")
+        labels = [m.partition("=")[0] for m in models]
+        if len(set(labels)) != len(labels):
+            problems.append(f"labels repeat in {labels}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return models
 
 
 class TrackingConfig(Strict):
@@ -345,6 +372,10 @@ def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
     except pydantic.ValidationError as e:
         problems += _format_errors(e)
         raise UserError(problems) from e
+    from unlearning.evaluate.suites import SUITES  # light import: names only
+
+    if cfg.eval.suite not in SUITES:
+        problems.append(f"eval.suite: unknown suite {cfg.eval.suite!r}; valid: {', '.join(SUITES)}")
     if problems:
         raise UserError(problems)
     return cfg

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from unlearning.data.prepare import PreparedData, prepare
+from unlearning.evaluate.runner import ModelEval, evaluate
 from unlearning.models import BuiltModels, build_models
 from unlearning.unlearn import Unlearned, unlearn
 
-__all__ = ["BuiltModels", "PreparedData", "Unlearned", "build_models", "prepare", "unlearn"]
+__all__ = ["BuiltModels", "ModelEval", "PreparedData", "Unlearned", "build_models", "evaluate", "prepare", "unlearn"]

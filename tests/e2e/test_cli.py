@@ -58,8 +58,9 @@ def test_bad_input_fails_before_work_and_keeps_outputs(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run/data").iterdir()) == before
 
 
-def test_unlearn_on_two_ranks_with_lora_then_reuse(tmp_path):
-    """`unlearn unlearn` through the deepspeed launcher: IdkDPO with LoRA on 2 ranks under ZeRO-2."""
+def test_unlearn_on_two_ranks_with_lora_then_reuse_then_eval(tmp_path):
+    """`unlearn unlearn` through the deepspeed launcher: IdkDPO with LoRA on 2 ranks under ZeRO-2; then
+    `unlearn eval` on the target, the oracle and the unlearned model."""
     config = tmp_path / "pico.yaml"
     config.write_text(yaml.safe_dump(pico_raw(
         tmp_path / "run", model={"finetune": MEMORISE}, method={"name": "idkdpo"},
@@ -76,3 +77,12 @@ def test_unlearn_on_two_ranks_with_lora_then_reuse(tmp_path):
     assert "deepspeed.launcher.runner" in (run / "train.log").read_text()
     again = unlearn("unlearn", str(config), cwd=tmp_path)
     assert again.returncode == 0 and "(cached)" in again.stdout
+    # Then evaluate target, oracle and that unlearned model (reused, not retrained).
+    res = unlearn("eval", str(config), "eval.suite=quick", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert all(label in res.stdout for label in ("target", "oracle", "unlearned")) and "forget_quality" in res.stdout
+    evals = {p.name.split("-")[0]: json.loads((p / "eval.json").read_text()) for p in (tmp_path / "run/eval").iterdir()}
+    assert set(evals) == {"target", "oracle", "unlearned"}
+    assert evals["unlearned"]["model"] == str(run / "model")
+    assert evals["unlearned"]["metrics"]["forget_probability"] < evals["target"]["metrics"]["forget_probability"]
+    assert evals["oracle"]["metrics"]["forget_quality"] is None and evals["target"]["metrics"]["forget_quality"] < 1

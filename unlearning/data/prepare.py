@@ -17,7 +17,7 @@ from typing import Any
 
 from unlearning.config import ExperimentConfig, content_hash
 from unlearning.data.loaders import load_records
-from unlearning.data.tokenize import encode_prompt, encode_qa, load_tokenizer, train_tokenizer
+from unlearning.data.tokenize import encode_prompts, encode_qa_many, load_tokenizer, train_tokenizer
 from unlearning.errors import UserError
 
 FORMAT_VERSION = 1  # bump when the encoding changes, so old caches are not trusted
@@ -69,13 +69,15 @@ def _template_texts(cfg: ExperimentConfig) -> list[str]:
 
 def _encode(records: dict[str, list[dict[str, Any]]], tokenizer: Any, cfg: ExperimentConfig) -> dict[str, list]:
     tpl, max_len = cfg.data.template, cfg.data.max_length
-    too_long = [r["question"] for rows in records.values() for r in rows
-                if len(encode_prompt(tokenizer, tpl, r["question"])) >= max_len]
+    questions = [r["question"] for rows in records.values() for r in rows]
+    too_long = [q for q, ids in zip(questions, encode_prompts(tokenizer, tpl, questions), strict=True)
+                if len(ids) >= max_len]
     if too_long:
         raise UserError(f"{len(too_long)} prompts are at least data.max_length={max_len} tokens long "
                         f"(first: {too_long[0][:60]!r}); raise data.max_length or shorten the template")
-    return {split: [{**r, **encode_qa(tokenizer, tpl, r["question"], r["answer"], max_len)} for r in rows]
-            for split, rows in records.items()}
+    return {split: [{**r, **enc} for r, enc in zip(
+        rows, encode_qa_many(tokenizer, tpl, [(r["question"], r["answer"]) for r in rows], max_len), strict=True)]
+        for split, rows in records.items()}
 
 
 def prepare(cfg: ExperimentConfig) -> PreparedData:

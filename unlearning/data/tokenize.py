@@ -62,29 +62,50 @@ def _ids(encoded: Any) -> list[int]:
     return list(encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded)
 
 
-def encode_prompt(tokenizer: Any, template: Template, question: str) -> list[int]:
-    """Token ids of the prompt that precedes the answer (BOS included when the tokenizer adds one)."""
+def encode_prompts(tokenizer: Any, template: Template, questions: Sequence[str]) -> list[list[int]]:
+    """Token ids of the prompt that precedes each answer (BOS included when the tokenizer adds one)."""
     if template.chat:
         if not getattr(tokenizer, "chat_template", None):
             raise UserError("data.template.chat=true but the tokenizer has no chat template; set it to false")
-        messages = [{"role": "user", "content": question}]
-        return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-    return _ids(tokenizer(template.prompt.format(question=question), add_special_tokens=True))
+        return [_ids(tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                   tokenize=True)) for q in questions]
+    if not questions:
+        return []
+    texts = [template.prompt.format(question=q) for q in questions]
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+
+
+def encode_prompt(tokenizer: Any, template: Template, question: str) -> list[int]:
+    """Token ids of one prompt (see `encode_prompts`)."""
+    return encode_prompts(tokenizer, template, [question])[0]
+
+
+def encode_qa_many(tokenizer: Any, template: Template, pairs: Sequence[tuple[str, str]], max_length: int
+                   ) -> list[dict[str, list[int]]]:
+    """Encode (question, answer) pairs, one tokenizer call for all prompts and one for all answers.
+
+    Returns:
+        per pair: `input_ids` = prompt + answer + EOS (truncated to `max_length`), `labels` equal to it
+        on the answer and EOS positions and `IGNORE_INDEX` on the prompt, and `attention_mask` of ones.
+    """
+    if not pairs:
+        return []
+    questions = list(dict.fromkeys(q for q, _ in pairs))  # each distinct prompt encoded once
+    prompts = dict(zip(questions, encode_prompts(tokenizer, template, questions), strict=True))
+    answers = tokenizer([template.answer.format(answer=a) for _, a in pairs], add_special_tokens=False)["input_ids"]
+    out = []
+    for (q, _), answer in zip(pairs, answers, strict=True):
+        answer_ids = [*answer, tokenizer.eos_token_id]
+        prompt = prompts[q]
+        ids = (prompt + answer_ids)[:max_length]
+        labels = ([IGNORE_INDEX] * len(prompt) + answer_ids)[:max_length]
+        out.append({"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)})
+    return out
 
 
 def encode_qa(tokenizer: Any, template: Template, question: str, answer: str, max_length: int) -> dict[str, list[int]]:
-    """Encode one QA pair.
-
-    Returns:
-        `input_ids` = prompt + answer + EOS (truncated to `max_length`), `labels` equal to it on the
-        answer and EOS positions and `IGNORE_INDEX` on the prompt, and `attention_mask` of ones.
-    """
-    prompt = encode_prompt(tokenizer, template, question)
-    answer_ids = _ids(tokenizer(template.answer.format(answer=answer), add_special_tokens=False))
-    answer_ids.append(tokenizer.eos_token_id)
-    ids = (prompt + answer_ids)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt) + answer_ids)[:max_length]
-    return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}
+    """Encode one QA pair (see `encode_qa_many`)."""
+    return encode_qa_many(tokenizer, template, [(question, answer)], max_length)[0]
 
 
 def collate(features: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -1,23 +1,231 @@
-"""Probes: run a model over encoded examples and return per-example arrays, batched by length."""
+"""Probes: run a model over encoded sequences and return per-example arrays, batched by length.
+
+Two kinds of probe, each batched over length-sorted inputs and returning results in input order:
+
+- `score`: teacher-forced pass over (prompt + answer) sequences. Per sequence: the summed answer
+  log-prob and answer length, and per answer token its log-prob, whether the argmax prediction equals it
+  (extraction strength, exact memorization) and the mean and standard deviation of log p under the
+  model's own next-token distribution at that position (Min-K%++).
+- `generate`: greedy continuations of prompts (left-padded batches), decoded up to EOS.
+
+`probe_split` builds every sequence an evaluation split needs (answer, paraphrased answer, perturbed
+answers, answer to the paraphrased question), scores each distinct sequence once, and bundles the
+results as a `SplitProbes` that every metric reads.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from unlearning.data.tokenize import collate
-from unlearning.methods.logprobs import sequence_logprobs
+from unlearning.data.tokenize import collate, encode_prompts, encode_qa_many
+from unlearning.methods.logprobs import sequence_logprobs, token_logprobs
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Teacher-forced scores of N sequences (answer tokens only; n_i answer tokens in sequence i).
+
+    Attributes:
+        logp: (N,) summed answer log-prob, float64.
+        ntokens: (N,) answer token counts, int64.
+        token_logp: N arrays (n_i,): log p of each answer token.
+        token_mu, token_sigma: N arrays (n_i,): mean and std of log p under the next-token distribution.
+        argmax_ok: N bool arrays (n_i,): the teacher-forced argmax equals the answer token.
+    """
+
+    logp: np.ndarray
+    ntokens: np.ndarray
+    token_logp: list[np.ndarray]
+    token_mu: list[np.ndarray]
+    token_sigma: list[np.ndarray]
+    argmax_ok: list[np.ndarray]
+
+    def take(self, idx: Sequence[int]) -> Scores:
+        """The scores of sequences `idx`, in that order."""
+        return Scores(self.logp[list(idx)], self.ntokens[list(idx)], [self.token_logp[i] for i in idx],
+                      [self.token_mu[i] for i in idx], [self.token_sigma[i] for i in idx],
+                      [self.argmax_ok[i] for i in idx])
+
+    def probability(self) -> np.ndarray:
+        """(N,) length-normalised answer probability p = exp(logπ(y|x) / |y|)."""
+        return np.exp(self.logp / np.maximum(self.ntokens, 1))
+
+
+def _batch_token_stats(logits: torch.Tensor, labels: torch.Tensor) -> list[tuple[np.ndarray, ...]]:
+    """Per-sequence (token log-p, μ, σ, argmax match) over the answer positions of one batch.
+
+    Args:
+        logits: (B, T, V); labels: (B, T) with `IGNORE_INDEX` off the answer.
+    """
+    logp, mask = token_logprobs(logits, labels)  # (B, T-1)
+    dist = F.log_softmax(logits[:, :-1][mask].float(), dim=-1)  # (M, V): only where an answer token is predicted
+    probs = dist.exp()
+    mu = (probs * dist).sum(-1)  # (M,)
+    sigma = (probs * (dist - mu[:, None]).square()).sum(-1).sqrt()  # two-pass: E[x²] − μ² cancels badly in fp32
+    ok = dist.argmax(-1) == labels[:, 1:][mask]
+    counts = mask.sum(-1).tolist()
+    columns = [t.cpu().numpy() for t in (logp[mask].double(), mu.double(), sigma.double(), ok)]
+    return list(zip(*(np.split(c, np.cumsum(counts)[:-1]) for c in columns), strict=True))
+
+
+def _progress(total: int, desc: str, show: bool | None) -> Any:
+    import sys
+
+    return tqdm(total=total, desc=desc, leave=False, disable=not (sys.stderr.isatty() if show is None else show))
+
+
+@torch.no_grad()
+def score(model: Any, rows: Sequence[dict[str, Any]], *, pad_id: int, batch_size: int = 32,
+          show_progress: bool | None = None) -> Scores:
+    """Teacher-forced `Scores` of encoded rows (`input_ids`, `labels`), in batches of similar length."""
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    per_row: list[tuple[np.ndarray, ...]] = [()] * len(rows)
+    with _progress(len(rows), "score", show_progress) as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = {k: v.to(device) for k, v in collate([rows[i] for i in idx], pad_id).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            for i, stats in zip(idx, _batch_token_stats(logits, batch["labels"]), strict=True):
+                per_row[i] = stats
+            bar.update(len(idx))
+    token_logp, mu, sigma, ok = (list(col) for col in zip(*per_row, strict=True)) if rows else ([], [], [], [])
+    return Scores(np.array([t.sum() for t in token_logp], dtype=np.float64),
+                  np.array([len(t) for t in token_logp], dtype=np.int64), token_logp, mu, sigma, ok)
+
+
+@torch.no_grad()
+def generate(model: Any, prompts: Sequence[list[int]], tokenizer: Any, *, max_new_tokens: int,
+             batch_size: int = 32, show_progress: bool | None = None) -> list[str]:
+    """Greedy continuation of each prompt (token ids), decoded without special tokens, in input order."""
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
+    with _progress(len(prompts), "generate", show_progress) as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            width = max(len(prompts[i]) for i in idx)
+            ids = torch.tensor([[pad] * (width - len(prompts[i])) + list(prompts[i]) for i in idx], device=device)
+            mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx],
+                                device=device)
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+            for i, row in zip(idx, gen[:, width:].tolist(), strict=True):
+                out[i] = _decode_until_eos(tokenizer, row)
+            bar.update(len(idx))
+    return out
+
+
+def _decode_until_eos(tokenizer: Any, ids: list[int]) -> str:
+    if tokenizer.eos_token_id in ids:
+        ids = ids[:ids.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+@dataclass(frozen=True)
+class SplitProbes:
+    """Everything the metrics read about one evaluation split of N items (P perturbed answers each).
+
+    Attributes:
+        answer: scores of the answer given the question.
+        answers: the answer texts (references for ROUGE; the text ZLib compresses).
+        generation: greedy answers to the questions.
+        paraphrased: scores of the paraphrased answer given the question, or None without paraphrases.
+        perturbed: P scores of the perturbed (wrong) answers given the question, or None.
+        para_question: scores of the answer given the paraphrased question, or None.
+        para_generation: greedy answers to the paraphrased questions, or None.
+    """
+
+    answer: Scores
+    answers: list[str]
+    generation: list[str]
+    paraphrased: Scores | None = None
+    perturbed: list[Scores] | None = None
+    para_question: Scores | None = None
+    para_generation: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.answers)
+
+
+def split_requests(rows: Sequence[dict[str, Any]], tokenizer: Any, template: Any, max_length: int
+                   ) -> tuple[list[dict[str, list[int]]], dict[str, Any]]:
+    """The distinct sequences a split needs scored, and where each request finds its sequence.
+
+    Returns:
+        (sequences, plan): plan maps "answer", "paraphrased", "para_question" to (N,) indices into
+        sequences (None when the split lacks that field) and "perturbed" to P such lists.
+    """
+    has = {f: bool(rows) and all(r.get(f) for r in rows)
+           for f in ("paraphrased_answer", "perturbed_answer", "paraphrased_question")}
+    groups: dict[str, list[tuple[str, str]]] = {}  # request -> (question, answer) per row
+    if has["paraphrased_answer"]:
+        groups["paraphrased"] = [(r["question"], r["paraphrased_answer"]) for r in rows]
+    if has["paraphrased_question"]:
+        groups["para_question"] = [(r["paraphrased_question"], r["answer"]) for r in rows]
+    n_perturbed = min(len(r["perturbed_answer"]) for r in rows) if has["perturbed_answer"] else 0
+    for j in range(n_perturbed):  # a common count keeps the (N, P) arrays rectangular
+        groups[f"perturbed{j}"] = [(r["question"], r["perturbed_answer"][j]) for r in rows]
+    encoded = iter(encode_qa_many(tokenizer, template, [pair for g in groups.values() for pair in g], max_length))
+
+    seqs: list[dict[str, list[int]]] = []
+    seen: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+
+    def add(enc: dict[str, list[int]]) -> int:
+        key = (tuple(enc["input_ids"]), tuple(enc["labels"]))
+        if key not in seen:
+            seen[key] = len(seqs)
+            seqs.append(enc)
+        return seen[key]
+
+    plan: dict[str, Any] = {"answer": [add({k: list(r[k]) for k in ("input_ids", "labels")}) for r in rows]}
+    for name, pairs in groups.items():
+        plan[name] = [add(next(encoded)) for _ in pairs]
+    plan.setdefault("paraphrased", None)
+    plan.setdefault("para_question", None)
+    plan["perturbed"] = [plan.pop(f"perturbed{j}") for j in range(n_perturbed)] or None
+    return seqs, plan
+
+
+def probe_split(model: Any, rows: Sequence[dict[str, Any]], tokenizer: Any, template: Any, *, max_length: int,
+                batch_size: int, max_new_tokens: int, generations: bool = True,
+                show_progress: bool | None = None) -> SplitProbes:
+    """Run every probe of one split: one scoring pass over its distinct sequences, then generation."""
+    seqs, plan = split_requests(rows, tokenizer, template, max_length)
+    scores = score(model, seqs, pad_id=tokenizer.pad_token_id, batch_size=batch_size, show_progress=show_progress)
+
+    def gen(questions: list[str]) -> list[str]:
+        prompts = encode_prompts(tokenizer, template, questions)
+        return generate(model, prompts, tokenizer, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                        show_progress=show_progress)
+
+    para_q = plan["para_question"] is not None
+    return SplitProbes(
+        answer=scores.take(plan["answer"]),
+        answers=[r["answer"] for r in rows],
+        generation=gen([r["question"] for r in rows]) if generations else [],
+        paraphrased=scores.take(plan["paraphrased"]) if plan["paraphrased"] is not None else None,
+        perturbed=[scores.take(ix) for ix in plan["perturbed"]] if plan["perturbed"] is not None else None,
+        para_question=scores.take(plan["para_question"]) if para_q else None,
+        para_generation=gen([r["paraphrased_question"] for r in rows]) if generations and para_q else None,
+    )
 
 
 @torch.no_grad()
 def answer_logprobs(model: Any, rows: Sequence[dict[str, Any]], *, pad_id: int, batch_size: int = 32,
                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Summed answer log-prob and answer length of every row (rows hold `input_ids` and `labels`).
-
-    Rows are sorted by length so each batch pads little; results come back in the input order.
+    """Summed answer log-prob and answer length of every row (rows hold `input_ids` and `labels`): the
+    light probe behind training's probability checks, without `score`'s per-token statistics.
 
     Returns:
         logp (N,) float64 and ntokens (N,) int64.

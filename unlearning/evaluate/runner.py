@@ -1,0 +1,184 @@
+"""The evaluation runner and the `eval` stage: probes once per model, every metric of the suite, eval.json.
+
+Each model's evaluation is cached by content: the checkpoint's identity, the prepared data's
+fingerprint, the eval settings and (for forget quality and PrivLeak) the oracle's identity. The oracle is
+evaluated first, once, and its per-example values are the reference every other model is compared with.
+
+Output per model: `<output_dir>/eval/<label>-<key>/eval.json` with
+- `metrics`: flat name → aggregate (null when unavailable; `unavailable` gives the reason),
+- `per_example`: the values behind every aggregate (two-sample metrics: a dict of both samples),
+- `generations`: question, answer and greedy answer per evaluated item,
+- `model`, `identity`, `data_fingerprint`, `suite`, `counts`, `timing`, `conventions`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from unlearning.config import ExperimentConfig, content_hash
+from unlearning.data.prepare import PreparedData, prepare
+from unlearning.errors import UserError, raise_if
+from unlearning.evaluate.metrics import METRICS, EvalInputs, Value
+from unlearning.evaluate.probes import SplitProbes, probe_split
+from unlearning.evaluate.suites import get_suite
+from unlearning.models import load_causal_lm, model_identity
+
+EVAL_VERSION = 1  # bump when probes or metrics change, so cached evaluations are not trusted
+
+CONVENTIONS = {
+    "probability": "length-normalised p = exp(logπ(y|x)/|y|) over answer tokens; utility sets (real_authors, "
+                   "world_facts): p_true / (p_true + Σ p_perturbed)",
+    "truth_ratio": "TR = geometric mean of p(perturbed) / p(paraphrased); forget: mean min(TR, 1/TR); other "
+                   "splits: mean max(0, 1 − TR); per-example values are the raw TR",
+    "forget_quality": "two-sided two-sample KS p-value of per-item forget TR, model vs retain oracle",
+    "model_utility": "harmonic mean of probability, ROUGE-L recall and truth ratio on retain and utility sets",
+    "mia": "ROC AUC, forget (members) vs holdout (non-members), scores oriented higher = member; k = 40 %",
+    "privleak": "(AUC_model − AUC_oracle) / AUC_oracle × 100 on the Min-K% attack (MUSE convention)",
+}
+
+
+@dataclass(frozen=True)
+class ModelEval:
+    """One evaluated checkpoint: its label, path, the directory of its eval.json, the parsed file."""
+
+    label: str
+    path: Path
+    eval_dir: Path
+    result: dict[str, Any]
+    cached: bool
+
+    @property
+    def metrics(self) -> dict[str, float | None]:
+        return self.result["metrics"]
+
+
+def _device() -> Any:
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run_probes(model: Any, prepared: PreparedData, cfg: ExperimentConfig, splits: list[str], *, generations: bool
+               ) -> dict[str, SplitProbes]:
+    """Every probe of every split, on an already loaded model."""
+    data, tokenizer = prepared.splits(), prepared.tokenizer()
+    return {s: probe_split(model, list(data[s]), tokenizer, cfg.data.template, max_length=cfg.data.max_length,
+                           batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+                           generations=generations) for s in splits}
+
+
+def compute_metrics(probes: dict[str, SplitProbes], metric_names: tuple[str, ...], *, oracle: dict[str, Any] | None,
+                    is_oracle: bool, utility_splits: tuple[str, ...]) -> dict[str, Value]:
+    """Run each named metric over the probes; later names never overwrite earlier ones silently."""
+    inputs = EvalInputs(probes, oracle, is_oracle, utility_splits)
+    values: dict[str, Value] = {}
+    for name in metric_names:
+        for key, value in METRICS.get(name).fn(inputs).items():
+            if key in values:
+                raise RuntimeError(f"metric {name!r} produced {key!r}, which another metric already did")
+            values[key] = value
+    return values
+
+
+def evaluate_checkpoint(path: Path, prepared: PreparedData, cfg: ExperimentConfig, *, label: str,
+                        oracle: ModelEval | None, is_oracle: bool) -> dict[str, Any]:
+    """Load one checkpoint, probe every split, compute the suite; the eval.json content."""
+    suite = get_suite(cfg.eval.suite)
+    splits = cfg.eval.splits or list(prepared.info()["counts"])
+    start = time.perf_counter()
+    model = load_causal_lm(path, cfg.model.dtype, cfg.model.trust_remote_code).to(_device())
+    probes = run_probes(model, prepared, cfg, splits, generations=suite.generations)
+    probe_s = time.perf_counter() - start
+    start = time.perf_counter()
+    values = compute_metrics(probes, suite.metrics, oracle=oracle.result if oracle else None, is_oracle=is_oracle,
+                             utility_splits=tuple(cfg.eval.utility_splits))
+    data = prepared.splits()
+    return {
+        "label": label, "model": str(path), "identity": model_identity(path),
+        "data": str(prepared.path), "data_fingerprint": prepared.fingerprint, "suite": suite.name,
+        "oracle": str(oracle.path) if oracle else None,
+        "metrics": {k: v.value for k, v in values.items()},
+        "unavailable": {k: v.reason for k, v in values.items() if v.value is None},
+        "per_example": {k: v.per_example for k, v in values.items() if v.per_example is not None},
+        "generations": {s: {"question": list(data[s]["question"]), "answer": p.answers, "generation": p.generation}
+                        for s, p in probes.items() if p.generation},
+        "counts": {s: len(p) for s, p in probes.items()},
+        "timing": {"probe_s": round(probe_s, 3), "metrics_s": round(time.perf_counter() - start, 3)},
+        "conventions": CONVENTIONS,
+    }
+
+
+def _eval_key(path: Path, prepared: PreparedData, cfg: ExperimentConfig, oracle: ModelEval | None) -> str:
+    settings = cfg.eval.model_dump(exclude={"models"})
+    return content_hash(EVAL_VERSION, model_identity(path), prepared.fingerprint, settings,
+                        cfg.data.template.model_dump(), cfg.model.dtype, oracle.result["identity"] if oracle else None)
+
+
+def evaluate_model(path: Path, prepared: PreparedData, cfg: ExperimentConfig, *, label: str,
+                   oracle: ModelEval | None = None, is_oracle: bool = False) -> ModelEval:
+    """Evaluate one checkpoint, or reuse its cached eval.json (written atomically, so never half)."""
+    key = _eval_key(path, prepared, cfg, oracle)
+    out = cfg.out / "eval" / f"{label}-{key}"
+    if (out / "eval.json").is_file():
+        return ModelEval(label, path, out, json.loads((out / "eval.json").read_text()), cached=True)
+    result = evaluate_checkpoint(path, prepared, cfg, label=label, oracle=oracle, is_oracle=is_oracle)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".eval.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out / "eval.json")
+    return ModelEval(label, path, out, result, cached=False)
+
+
+def _checkpoint_problems(cfg: ExperimentConfig, prepared: PreparedData) -> list[str]:
+    problems = []
+    for entry in cfg.eval.models:
+        label, sep, path = entry.partition("=")
+        if sep and not (Path(path) / "config.json").is_file():
+            problems.append(f"eval.models: {label}={path}: no checkpoint there (no config.json); give the directory "
+                            "of a saved model (e.g. a run's model/ folder)")
+    counts = prepared.info()["counts"]
+    missing = [s for s in cfg.eval.splits or [] if s not in counts]
+    if missing:
+        problems.append(f"eval.splits: {missing} are not prepared splits; available: {', '.join(counts)}")
+    return problems
+
+
+def evaluate(cfg: ExperimentConfig, extra: dict[str, Path] | None = None) -> dict[str, ModelEval]:
+    """The eval stage: evaluate `eval.models` (plus `extra` label → checkpoint), the oracle first.
+
+    Roles are resolved through their stages (built or reused): target and oracle by build-models,
+    unlearned by the unlearn stage. Every given checkpoint is checked before anything is loaded.
+    """
+    get_suite(cfg.eval.suite)
+    prepared = prepare(cfg)
+    raise_if(_checkpoint_problems(cfg, prepared))
+    entries = [e.partition("=") for e in cfg.eval.models]
+    paths: dict[str, Path] = {label: Path(path) for label, sep, path in entries if sep}
+    paths.update(extra or {})
+    roles = [label for label, sep, _ in entries if not sep]
+    if "target" in roles or "oracle" in roles:
+        from unlearning.models import build_models
+
+        built = build_models(cfg)
+        paths.update({r: Path(getattr(built, r)) for r in ("target", "oracle") if r in roles})
+    if "unlearned" in roles:
+        from unlearning.unlearn import unlearn
+
+        paths["unlearned"] = unlearn(cfg).model
+    order = [label for label, _, _ in entries]
+    order += [k for k in extra or {} if k not in order]
+    results: dict[str, ModelEval] = {}
+    oracle = None
+    if "oracle" in paths:
+        oracle = results["oracle"] = evaluate_model(paths["oracle"], prepared, cfg, label="oracle", is_oracle=True)
+    for label in order:
+        if label not in results:
+            results[label] = evaluate_model(paths[label], prepared, cfg, label=label, oracle=oracle)
+    if not results:
+        raise UserError("eval.models is empty; list roles (target, oracle, unlearned) or LABEL=PATH checkpoints")
+    return {label: results[label] for label in order}

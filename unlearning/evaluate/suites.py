@@ -1,0 +1,37 @@
+"""Named metric suites: what `eval.suite` selects.
+
+A suite is a list of registered metric names (`unlearning/evaluate/metrics.py`), plus whether it needs
+greedy generations (the slow probe). `tofu` is the full report; `muse` the MUSE-style subset on QA data;
+`quick` the loss-based metrics only, no generation, for sweeps and stopping checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from unlearning.errors import UserError
+from unlearning.evaluate.metrics import METRICS
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    metrics: tuple[str, ...]
+    generations: bool
+
+
+SUITES = {s.name: s for s in (
+    Suite("tofu", ("probability", "rouge", "truth_ratio", "paraphrased", "forget_quality", "model_utility", "mia",
+                   "privleak", "memorization"), generations=True),
+    Suite("muse", ("knowmem", "mia", "privleak", "memorization"), generations=True),
+    Suite("quick", ("probability", "truth_ratio", "forget_quality", "mia", "privleak", "memorization"),
+          generations=False),
+)}
+
+
+def get_suite(name: str) -> Suite:
+    if name not in SUITES:
+        raise UserError(f"eval.suite: unknown suite {name!r}; valid: {', '.join(SUITES)}")
+    for metric in SUITES[name].metrics:
+        METRICS.get(metric)  # a suite naming an unregistered metric is a bug; fail loudly
+    return SUITES[name]
