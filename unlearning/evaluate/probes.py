@@ -21,11 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from unlearning.data.tokenize import collate, encode_prompts, encode_qa_many
-from unlearning.methods.logprobs import sequence_logprobs, token_logprobs
+from unlearning.methods.logprobs import answer_distributions, sequence_logprobs
 
 
 @dataclass(frozen=True)
@@ -64,15 +63,14 @@ def _batch_token_stats(logits: torch.Tensor, labels: torch.Tensor) -> list[tuple
     Args:
         logits: (B, T, V); labels: (B, T) with `IGNORE_INDEX` off the answer.
     """
-    logp, mask = token_logprobs(logits, labels)  # (B, T-1)
-    dist = F.log_softmax(logits[:, :-1][mask].float(), dim=-1)  # (M, V): only where an answer token is predicted
+    dist, targets, counts = answer_distributions(logits, labels)  # (M, V), (M,), (B,)
+    logp = dist.gather(-1, targets[:, None])[:, 0]
     probs = dist.exp()
     mu = (probs * dist).sum(-1)  # (M,)
     sigma = (probs * (dist - mu[:, None]).square()).sum(-1).sqrt()  # two-pass: E[x²] − μ² cancels badly in fp32
-    ok = dist.argmax(-1) == labels[:, 1:][mask]
-    counts = mask.sum(-1).tolist()
-    columns = [t.cpu().numpy() for t in (logp[mask].double(), mu.double(), sigma.double(), ok)]
-    return list(zip(*(np.split(c, np.cumsum(counts)[:-1]) for c in columns), strict=True))
+    ok = dist.argmax(-1) == targets
+    columns = [t.cpu().numpy() for t in (logp.double(), mu.double(), sigma.double(), ok)]
+    return list(zip(*(np.split(c, np.cumsum(counts.tolist())[:-1]) for c in columns), strict=True))
 
 
 def _progress(total: int, desc: str, show: bool | None) -> Any:
@@ -81,7 +79,7 @@ def _progress(total: int, desc: str, show: bool | None) -> Any:
     return tqdm(total=total, desc=desc, leave=False, disable=not (sys.stderr.isatty() if show is None else show))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def score(model: Any, rows: Sequence[dict[str, Any]], *, pad_id: int, batch_size: int = 32,
           show_progress: bool | None = None) -> Scores:
     """Teacher-forced `Scores` of encoded rows (`input_ids`, `labels`), in batches of similar length."""
@@ -102,7 +100,7 @@ def score(model: Any, rows: Sequence[dict[str, Any]], *, pad_id: int, batch_size
                   np.array([len(t) for t in token_logp], dtype=np.int64), token_logp, mu, sigma, ok)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model: Any, prompts: Sequence[list[int]], tokenizer: Any, *, max_new_tokens: int,
              batch_size: int = 32, show_progress: bool | None = None) -> list[str]:
     """Greedy continuation of each prompt (token ids), decoded without special tokens, in input order."""
