@@ -23,9 +23,9 @@ def main(job_path: Path, out_path: Path) -> None:
 
     from unlearning.data.prepare import PreparedData
     from unlearning.data.tokenize import collate
+    from unlearning.memory import peak_rss_mb, rss_mb
     from unlearning.methods import METHODS, RETAIN_LOSSES
     from unlearning.methods.logprobs import sequence_logprobs
-    from unlearning.train.job import peak_rss_mb, rss_mb
 
     job = json.loads(job_path.read_text())
     rss_before_model = rss_mb()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from transformers import AutoModelForCausalLM  # noqa: F401
 from unlearning.config import ExperimentConfig, LoraConfig, validate_config
 from unlearning.data.pairing import refusal_rows
 from unlearning.data.prepare import PreparedData
+from unlearning.memory import peak_rss_mb, rss_mb
 from unlearning.train import engine as ds
 from unlearning.train.loop import LoopResult, run_loop
 from unlearning.train.objective import UnlearningObjective, needs
@@ -133,20 +133,6 @@ def export_model(cfg: ExperimentConfig, ckpt_dir: Path, tag: str, target: str, t
         os.replace(tmp, final)
     paths["model"] = str(run_dir / "model")
     return paths
-
-
-def peak_rss_mb() -> float:
-    """The process's peak resident memory so far."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def rss_mb() -> float:
-    """The process's resident memory now (Linux; elsewhere the peak so far, an upper bound)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return peak_rss_mb()
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _peak_memory_mb(device: torch.device, rss_start_mb: float, train_peak_mb: float) -> dict[str, float]:
