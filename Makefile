@@ -31,6 +31,7 @@ demo: env
 	$(BIN)/unlearn prepare configs/demo.yaml
 	$(BIN)/unlearn build-models configs/demo.yaml
 	$(BIN)/unlearn unlearn configs/demo.yaml
+	$(BIN)/unlearn merge configs/demo.yaml
 	$(BIN)/unlearn eval configs/demo.yaml
 
 test: env
@@ -44,6 +45,7 @@ test-all: env
 bench: env
 	$(BIN)/python bench/bench_unlearn.py
 	$(BIN)/python bench/bench_eval.py
+	$(BIN)/python bench/bench_merge.py
 
 
 clean:

@@ -100,6 +100,33 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
     console.print(f"model: {s['model']}" + (f"\nadapter: {s['adapter']}" if s.get("adapter") else ""), markup=False)
 
 
+def cmd_merge(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from unlearning.config import load_config
+    from unlearning.stages import merge
+
+    cfg = load_config(args.config, args.overrides)
+    _quiet_libraries()
+    done = merge(cfg)
+    s = done.summary
+    console = Console()
+    console.print(f"task vector: {s['task_vector']} (forget fine-tune run {s['finetune_run']})", markup=False)
+    probs = s["probability"]
+    splits = list(probs["target"])
+    table = Table(title=f"Mean length-normalised answer probability, θ_target − λ·τ ({s['method']})")
+    table.add_column("model")
+    for split in splits:
+        table.add_column(split, justify="right")
+    for label, p in probs.items():
+        table.add_row(label, *(f"{p[k]:.3f}" for k in splits))
+    console.print(table)
+    for run in s["merged"]:
+        how = "cached" if run["cached"] else f"merged in {run['merge_s']:.1f} s"
+        console.print(f"λ={run['lambda']:g}: {run['model']} ({how})", markup=False)
+
+
 HEADLINE = ("forget_quality", "model_utility", "forget_probability", "forget_rouge", "forget_truth_ratio",
             "forget_paraphrased_probability", "retain_probability", "retain_rouge", "forget_knowmem", "retain_knowmem",
             "mia_min_k_auc", "privleak", "forget_extraction_strength")
@@ -123,6 +150,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for metric in (k for k in HEADLINE if k in present):
         table.add_row(metric, *(_fmt(r.metrics.get(metric)) for r in results.values()))
     console = Console()
+    console = Console(width=max(console.width, 34 + 12 * len(results)))  # never cut a metric name or a model
     console.print(table)
     for label, r in results.items():
         console.print(f"{label}: {r.eval_dir / 'eval.json'}{' (cached)' if r.cached else ''}", markup=False)
@@ -139,6 +167,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "prepare": (cmd_prepare, "build the forget/retain/holdout/eval splits and the tokenizer"),
     "build-models": (cmd_build_models, "build (or reuse) the target model and the retain oracle"),
     "unlearn": (cmd_unlearn, "unlearn the forget set from the target with method.name (DeepSpeed ranks)"),
+    "merge": (cmd_merge, "task-vector negation θ_target − λ·τ over merge.lambdas (τ: a forget fine-tune)"),
     "eval": (cmd_eval, "evaluate eval.models (target, oracle, unlearned, LABEL=PATH) with eval.suite"),
 }
 

@@ -224,19 +224,34 @@ class TrainConfig(Strict):
         return self
 
 
+class ForgetFinetune(Strict):
+    """The fine-tune on the forget set whose weight change is the task vector τ (run by the training engine)."""
+
+    lr: PositiveFloat = 1e-4
+    max_steps: int = Field(20, ge=1)
+    lora: bool = Field(False, description="fine-tune a LoRA adapter (train.lora.r/alpha/target_modules) and "
+                       "negate scale·B·A, never materialising a second full model in the merge")
+
+
 class MergeConfig(Strict):
-    lambdas: list[float] = Field(default_factory=lambda: [1.0, 2.0, 5.0])
+    method: str = Field("task_arithmetic", description="registered merge (unlearning/merge/streaming.py)")
+    lambdas: list[float] = Field(default_factory=lambda: [1.0, 2.0, 5.0], min_length=1,
+                                 description="one merged model θ_target − λ·τ per value")
+    finetune: ForgetFinetune = Field(default_factory=ForgetFinetune)
+    shard_size_mb: int = Field(2000, ge=1, description="largest output shard")
+    chunk_mb: int = Field(16, ge=1, description="rows read and merged at a time; the merge holds ~5 chunks")
 
 
-EVAL_ROLES = ("target", "oracle", "unlearned")
+EVAL_ROLES = ("target", "oracle", "unlearned", "merged")
 
 
 class EvalConfig(Strict):
     suite: str = Field("tofu", description="tofu | muse | quick (unlearning/evaluate/suites.py)")
     models: list[str] = Field(
-        default_factory=lambda: list(EVAL_ROLES),
-        description="what `unlearn eval` evaluates: roles (target, oracle, unlearned: built or reused) and "
-                    "LABEL=PATH checkpoints; forget quality and PrivLeak are measured against the oracle")
+        default_factory=lambda: ["target", "oracle", "unlearned"],
+        description="what `unlearn eval` evaluates: roles (target, oracle, unlearned; merged = one model "
+                    "per merge.lambdas value; built or reused) and LABEL=PATH checkpoints; forget quality and "
+                    "PrivLeak are measured against the oracle")
     splits: list[str] | None = Field(None, description="prepared splits to evaluate; default: all of them")
     utility_splits: list[str] = Field(default_factory=lambda: ["real_authors", "world_facts"],
                                       description="splits that enter model utility beside retain, when present")
@@ -372,10 +387,13 @@ def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
     except pydantic.ValidationError as e:
         problems += _format_errors(e)
         raise UserError(problems) from e
-    from unlearning.evaluate.suites import SUITES  # light import: names only
+    from unlearning.evaluate.suites import SUITES  # registries: torch is imported already (methods)
+    from unlearning.merge.streaming import MERGES
 
     if cfg.eval.suite not in SUITES:
         problems.append(f"eval.suite: unknown suite {cfg.eval.suite!r}; valid: {', '.join(SUITES)}")
+    if cfg.merge.method not in MERGES:
+        problems.append(f"merge.method: unknown merge {cfg.merge.method!r}; valid: {', '.join(MERGES.names())}")
     if problems:
         raise UserError(problems)
     return cfg

@@ -86,3 +86,22 @@ def test_unlearn_on_two_ranks_with_lora_then_reuse_then_eval(tmp_path):
     assert evals["unlearned"]["model"] == str(run / "model")
     assert evals["unlearned"]["metrics"]["forget_probability"] < evals["target"]["metrics"]["forget_probability"]
     assert evals["oracle"]["metrics"]["forget_quality"] is None and evals["target"]["metrics"]["forget_quality"] < 1
+
+
+def test_merge_then_eval_the_merged_models(tmp_path):
+    """`unlearn merge`: a forget fine-tune (1 rank), then θ − λ·τ for each λ; `unlearn eval` picks them up."""
+    config = tmp_path / "pico.yaml"
+    config.write_text(yaml.safe_dump(pico_raw(
+        tmp_path / "run", model={"finetune": MEMORISE}, train={"num_processes": 1, "batch_size": 4},
+        merge={"lambdas": [0.0, 3.0], "finetune": {"lr": 3e-3, "max_steps": 4}})))
+    bad = unlearn("merge", str(config), "merge.method=task_arithmetc", cwd=tmp_path)
+    assert bad.returncode == 2 and "merge.method: unknown merge 'task_arithmetc'; valid: task_arithmetic" in bad.stderr
+    res = unlearn("merge", str(config), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "merged_l0" in res.stdout and "merged_l3" in res.stdout
+    summary = json.loads((tmp_path / "run/merge/summary.json").read_text())
+    assert summary["probability"]["merged_l0"] == summary["probability"]["target"]
+    res = unlearn("eval", str(config), "eval.models=[target,merged]", "eval.suite=quick", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    evals = {p.name.rsplit("-", 1)[0] for p in (tmp_path / "run/eval").iterdir()}
+    assert evals == {"target", "merged_l0", "merged_l3"}

@@ -72,6 +72,8 @@ def test_gradient_ascent_is_negated_mean_token_nll():
     """logπ = [−2, −4] over [1, 3] tokens: Σlogπ/Σ|y| = −6/4 = −1.5 (minimising raises the NLL)."""
     for name in ("ga", "graddiff"):
         assert METHODS.get(name).fn(seq([-2.0, -4.0], [1, 3])).item() == pytest.approx(-1.5)
+    # The forget fine-tune of task arithmetic descends the same quantity: +1.5.
+    assert METHODS.get("finetune").fn(seq([-2.0, -4.0], [1, 3])).item() == pytest.approx(1.5)
 
 
 def test_idkdpo_zero_margin_and_sign():
@@ -121,6 +123,6 @@ def test_step_norm_replaces_the_micro_batch_token_count():
 
 
 def test_registered_methods_and_their_defaults():
-    assert METHODS.names() == ["ga", "graddiff", "idkdpo", "npo", "simnpo"]
+    assert METHODS.names() == ["finetune", "ga", "graddiff", "idkdpo", "npo", "simnpo"]
     assert METHODS.get("npo").meta["needs_ref"] is True
     assert METHODS.get("simnpo").defaults() == {"beta": 4.5, "delta": 0.0}

@@ -152,7 +152,8 @@ def evaluate(cfg: ExperimentConfig, extra: dict[str, Path] | None = None) -> dic
     """The eval stage: evaluate `eval.models` (plus `extra` label → checkpoint), the oracle first.
 
     Roles are resolved through their stages (built or reused): target and oracle by build-models,
-    unlearned by the unlearn stage. Every given checkpoint is checked before anything is loaded.
+    unlearned by the unlearn stage, merged (one model per λ, labelled merged_l<λ>) by the merge stage.
+    Every given checkpoint is checked before anything is loaded.
     """
     get_suite(cfg.eval.suite)
     prepared = prepare(cfg)
@@ -170,7 +171,14 @@ def evaluate(cfg: ExperimentConfig, extra: dict[str, Path] | None = None) -> dic
         from unlearning.unlearn import unlearn
 
         paths["unlearned"] = unlearn(cfg).model
-    order = [label for label, _, _ in entries]
+    merged: list[str] = []
+    if "merged" in roles:
+        from unlearning.merge.stage import Merged, merge
+
+        done = merge(cfg)
+        merged = [Merged.label(lam) for lam in done.models]
+        paths.update({Merged.label(lam): p for lam, p in done.models.items()})
+    order = [x for label, _, _ in entries for x in (merged if label == "merged" else [label])]
     order += [k for k in extra or {} if k not in order]
     results: dict[str, ModelEval] = {}
     oracle = None

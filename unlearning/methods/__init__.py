@@ -12,4 +12,4 @@ from unlearning.registry import Registry
 METHODS = Registry("method")
 RETAIN_LOSSES = Registry("retain loss")
 
-from unlearning.methods import ga, idkdpo, npo, retain, simnpo  # noqa: E402,F401  (registration)
+from unlearning.methods import finetune, ga, idkdpo, npo, retain, simnpo  # noqa: E402,F401  (registration)

@@ -1,0 +1,89 @@
+"""The merge stage: fine-tune the target on the forget set, then negate that task vector over a λ sweep.
+
+τ = θ_ft − θ_target, with θ_ft the target fine-tuned further on the forget set by the training engine
+(method `finetune`: descent on the forget NLL, run and cached like any unlearning run; with
+`merge.finetune.lora` a LoRA adapter, whose scale·B·A is the task vector). Each λ in `merge.lambdas`
+gives θ_target − λ·τ under `<output_dir>/merge/<method>-l<λ>-<hash>/model`, streamed by
+`merge_checkpoints`, plus the forget/retain answer probabilities of every merged model in
+`<output_dir>/merge/summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from unlearning.config import ExperimentConfig, MethodConfig, StopConfig, content_hash
+from unlearning.merge.streaming import MERGES, merge_checkpoints
+from unlearning.models import build_models, model_identity, probabilities
+from unlearning.unlearn import unlearn
+
+
+@dataclass(frozen=True)
+class Merged:
+    """The merged checkpoints (λ → directory), the task vector's source, and the stage summary."""
+
+    models: dict[float, Path]
+    task: Path
+    summary: dict[str, Any]
+
+    @staticmethod
+    def label(lam: float) -> str:
+        return f"merged_l{lam:g}"
+
+
+def finetune_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The experiment config of the forget fine-tune: `train` with the merge's lr/steps, no stop rules."""
+    ft = cfg.merge.finetune
+    method = MethodConfig(name="finetune", gamma=1.0, alpha=0.0, retain_loss="none")
+    lora = cfg.train.lora.model_copy(update={"enabled": ft.lora})
+    train = cfg.train.model_copy(update={"lr": ft.lr, "max_steps": ft.max_steps, "stop": StopConfig(), "lora": lora})
+    return cfg.model_copy(update={"method": method, "train": train})
+
+
+def merge(cfg: ExperimentConfig) -> Merged:
+    """Build or reuse θ_ft and one negated model per λ; reuse merged models already written."""
+    MERGES.get(cfg.merge.method)
+    built = build_models(cfg)
+    ft = unlearn(finetune_config(cfg))
+    task = ft.run_dir / "adapter" if cfg.merge.finetune.lora else ft.model
+    models, runs = {}, []
+    for lam in cfg.merge.lambdas:
+        key = content_hash(model_identity(built.target), model_identity(task), cfg.merge.method, lam)
+        out = cfg.out / "merge" / f"{cfg.merge.method}-l{lam:g}-{key}" / "model"
+        cached = (out / "merge.json").is_file()
+        start = time.perf_counter()
+        if not cached:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            merge_checkpoints(built.target, [(task, -lam)], out, method=cfg.merge.method,
+                              chunk_bytes=cfg.merge.chunk_mb << 20, max_shard_bytes=cfg.merge.shard_size_mb << 20)
+        models[lam] = out
+        runs.append({"lambda": lam, "model": str(out), "cached": cached,
+                     "merge_s": round(time.perf_counter() - start, 2)})
+    summary = _summary(cfg, built, ft, task, runs)
+    return Merged(models, task, summary)
+
+
+def _summary(cfg: ExperimentConfig, built: Any, ft: Any, task: Path, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Answer probabilities per split of the target, θ_ft and each merged model (reused when unchanged)."""
+    from unlearning.data.prepare import prepare
+
+    prepared = prepare(cfg)
+    path = cfg.out / "merge" / "summary.json"
+    last = json.loads(path.read_text()) if path.is_file() else {}
+    known = last.get("probability_by_identity", {})
+    entries = {"target": built.target, "finetuned": ft.model,
+               **{Merged.label(r["lambda"]): Path(r["model"]) for r in runs}}
+    probs, by_identity = {}, {}
+    for label, model in entries.items():
+        ident = model_identity(model)
+        by_identity[ident] = known.get(ident) or probabilities(model, prepared, cfg)
+        probs[label] = by_identity[ident]
+    summary = {"method": cfg.merge.method, "task_vector": str(task), "finetune_run": str(ft.run_dir),
+               "merged": runs, "probability": probs, "probability_by_identity": by_identity}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2))
+    return summary
