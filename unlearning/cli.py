@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from unlearning.errors import UserError
 
@@ -23,6 +24,20 @@ def _quiet_libraries() -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+
+
+def _probability_table(probs: dict[str, dict[str, float]], title_suffix: str = "") -> Any:
+    """A table of each model's (rows) mean answer probability on each split (columns)."""
+    from rich.table import Table
+
+    table = Table(title=f"Mean length-normalised answer probability{title_suffix}")
+    splits = list(next(iter(probs.values())))
+    table.add_column("model")
+    for split in splits:
+        table.add_column(split, justify="right")
+    for label, p in probs.items():
+        table.add_row(label, *(f"{p[k]:.3f}" for k in splits))
+    return table
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -46,7 +61,6 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_build_models(args: argparse.Namespace) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     from unlearning.config import load_config
     from unlearning.stages import build_models
@@ -55,13 +69,7 @@ def cmd_build_models(args: argparse.Namespace) -> None:
     _quiet_libraries()
     built = build_models(cfg)
     s = built.summary
-    table = Table(title="Mean length-normalised answer probability")
-    splits = list(s["probability"]["target"])
-    table.add_column("model")
-    for split in splits:
-        table.add_column(split, justify="right")
-    for role in ("target", "oracle"):
-        table.add_row(role, *(f"{s['probability'][role][k]:.3f}" for k in splits))
+    table = _probability_table({role: s["probability"][role] for role in ("target", "oracle")})
     console = Console()
     for role, info in s["builds"].items():
         how = "cached" if info["cached"] else f"built in {info['wall_s']:.0f} s ({info['steps']} steps)"
@@ -71,7 +79,6 @@ def cmd_build_models(args: argparse.Namespace) -> None:
 
 def cmd_unlearn(args: argparse.Namespace) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     from unlearning.config import load_config
     from unlearning.stages import unlearn
@@ -89,20 +96,12 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
         console.print(f"loss {losses[0]['loss']:.3f} -> {losses[-1]['loss']:.3f}; forget NLL "
                       f"{losses[0]['forget_nll']:.3f} -> {losses[-1]['forget_nll']:.3f}; "
                       f"{s['tokens_per_s']:.0f} tokens/s; peak RSS {s['peak_rss_mb']:.0f} MB", markup=False)
-    table = Table(title="Mean length-normalised answer probability")
-    splits = list(s["probability"]["target"])
-    table.add_column("model")
-    for split in splits:
-        table.add_column(split, justify="right")
-    for role, probs in s["probability"].items():
-        table.add_row(role, *(f"{probs[k]:.3f}" for k in splits))
-    console.print(table)
+    console.print(_probability_table(s["probability"]))
     console.print(f"model: {s['model']}" + (f"\nadapter: {s['adapter']}" if s.get("adapter") else ""), markup=False)
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     from unlearning.config import load_config
     from unlearning.stages import merge
@@ -113,15 +112,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
     s = done.summary
     console = Console()
     console.print(f"task vector: {s['task_vector']} (forget fine-tune run {s['finetune_run']})", markup=False)
-    probs = s["probability"]
-    splits = list(probs["target"])
-    table = Table(title=f"Mean length-normalised answer probability, θ_target − λ·τ ({s['method']})")
-    table.add_column("model")
-    for split in splits:
-        table.add_column(split, justify="right")
-    for label, p in probs.items():
-        table.add_row(label, *(f"{p[k]:.3f}" for k in splits))
-    console.print(table)
+    console.print(_probability_table(s["probability"], f", θ_target − λ·τ ({s['method']})"))
     for run in s["merged"]:
         how = "cached" if run["cached"] else f"merged in {run['merge_s']:.1f} s"
         console.print(f"λ={run['lambda']:g}: {run['model']} ({how})", markup=False)
