@@ -26,6 +26,15 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+def _load(args: argparse.Namespace) -> Any:
+    """The command's validated config (every problem reported before anything runs); libraries quietened."""
+    from unlearning.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    _quiet_libraries()
+    return cfg
+
+
 def _probability_table(probs: dict[str, dict[str, float]], title_suffix: str = "") -> Any:
     """A table of each model's (rows) mean answer probability on each split (columns)."""
     from rich.table import Table
@@ -47,11 +56,9 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from unlearning.config import load_config
     from unlearning.stages import prepare
 
-    cfg = load_config(args.config, args.overrides)
-    _quiet_libraries()
+    cfg = _load(args)
     prepared = prepare(cfg)
     info = prepared.info()
     print(f"prepared {prepared.path} (fingerprint {prepared.fingerprint})")
@@ -62,11 +69,9 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 def cmd_build_models(args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from unlearning.config import load_config
     from unlearning.stages import build_models
 
-    cfg = load_config(args.config, args.overrides)
-    _quiet_libraries()
+    cfg = _load(args)
     built = build_models(cfg)
     s = built.summary
     table = _probability_table({role: s["probability"][role] for role in ("target", "oracle")})
@@ -80,11 +85,9 @@ def cmd_build_models(args: argparse.Namespace) -> None:
 def cmd_unlearn(args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from unlearning.config import load_config
     from unlearning.stages import unlearn
 
-    cfg = load_config(args.config, args.overrides)
-    _quiet_libraries()
+    cfg = _load(args)
     done = unlearn(cfg)
     s = done.summary
     console = Console()
@@ -103,11 +106,9 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
 def cmd_merge(args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from unlearning.config import load_config
     from unlearning.stages import merge
 
-    cfg = load_config(args.config, args.overrides)
-    _quiet_libraries()
+    cfg = _load(args)
     done = merge(cfg)
     s = done.summary
     console = Console()
@@ -127,11 +128,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from unlearning.config import load_config
     from unlearning.stages import evaluate
 
-    cfg = load_config(args.config, args.overrides)
-    _quiet_libraries()
+    cfg = _load(args)
     results = evaluate(cfg)
     present = {k for r in results.values() for k in r.metrics}
     table = Table(title=f"Evaluation, {cfg.eval.suite} suite (n/a: unavailable, reason in eval.json)")
