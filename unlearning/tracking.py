@@ -1,0 +1,154 @@
+"""The one MLflow adapter, and a null tracker with the same methods for non-zero ranks and tests.
+
+Everything the pipeline records goes through `Tracker`: runs (parent and nested), params (the flattened
+resolved config), metrics (batched: one `log_batch` call per group, not one request per value),
+artifacts, tags and registered models with aliases. No other module imports mlflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+BATCH = 1000  # MLflow's limit on metrics per log_batch call
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config → {"train.lr": "0.0002", ...}; lists and None as text, long values cut to MLflow's limit."""
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)[:MAX_PARAM_CHARS]
+    return out
+
+
+class NullTracker:
+    """Records nothing; stands in on ranks other than 0 and wherever tracking is off."""
+
+    @property
+    def run_id(self) -> str | None:
+        return None
+
+    @contextlib.contextmanager
+    def run(self, name: str, *, nested: bool = False, tags: Mapping[str, str] | None = None) -> Iterator[NullTracker]:
+        yield self
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: Mapping[str, float | None], step: int | None = None) -> None: ...
+
+    def log_history(self, rows: Sequence[Mapping[str, float]], step_key: str = "step") -> None: ...
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+
+    def set_tags(self, tags: Mapping[str, str]) -> None: ...
+
+    def register_model(self, path: Path, name: str, aliases: Sequence[str]) -> str | None:
+        return None
+
+
+class MlflowTracker(NullTracker):
+    """Tracks to an MLflow server or store (`tracking.uri`; SQLite locally), experiment `experiment`."""
+
+    def __init__(self, uri: str, experiment: str):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        mlflow.set_tracking_uri(uri)
+        self.client = MlflowClient(tracking_uri=uri)
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self._stack: list[str] = []
+
+    @property
+    def run_id(self) -> str | None:
+        return self._stack[-1] if self._stack else None
+
+    @contextlib.contextmanager
+    def run(self, name: str, *, nested: bool = False, tags: Mapping[str, str] | None = None
+            ) -> Iterator[MlflowTracker]:
+        """A run (nested under the current one when `nested`), ended FINISHED, or FAILED on an exception."""
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+        all_tags = {MLFLOW_RUN_NAME: name, **(tags or {})}
+        if nested and self._stack:
+            all_tags[MLFLOW_PARENT_RUN_ID] = self._stack[-1]
+        run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name)
+        self._stack.append(run.info.run_id)
+        status = "FAILED"
+        try:
+            yield self
+            status = "FINISHED"
+        finally:
+            self.client.set_terminated(run.info.run_id, status=status)
+            self._stack.pop()
+
+    def _current(self) -> str:
+        if not self._stack:
+            raise RuntimeError("no MLflow run is active; log inside `with tracker.run(...)`")
+        return self._stack[-1]
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow's limit on params per batch
+            self.client.log_batch(self._current(), params=items[i:i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float | None], step: int | None = None) -> None:
+        """Log the finite values in one batch; None (unavailable) and NaN are skipped, not logged as 0."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
+                 if v is not None and float(v) == float(v) and abs(float(v)) != float("inf")]
+        for i in range(0, len(items), BATCH):
+            self.client.log_batch(self._current(), metrics=items[i:i + BATCH])
+
+    def log_history(self, rows: Sequence[Mapping[str, float]], step_key: str = "step") -> None:
+        """A training history (one mapping per step) as metric series, in batches."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, int(row[step_key])) for row in rows for k, v in row.items()
+                 if k != step_key and isinstance(v, int | float)]
+        for i in range(0, len(items), BATCH):
+            self.client.log_batch(self._current(), metrics=items[i:i + BATCH])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if Path(path).is_dir():
+            self.client.log_artifacts(self._current(), str(path), artifact_path)
+        else:
+            self.client.log_artifact(self._current(), str(path), artifact_path)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self._current(), k, str(v))
+
+    def register_model(self, path: Path, name: str, aliases: Sequence[str]) -> str | None:
+        """Register the checkpoint directory `path` (logged as this run's artifact) under `name`, with
+        `aliases` pointing at the new version; returns the version."""
+        from mlflow.exceptions import MlflowException
+
+        run_id = self._current()
+        artifact = f"models/{name}"
+        self.client.log_artifacts(run_id, str(path), artifact)
+        with contextlib.suppress(MlflowException):  # already registered: add a version
+            self.client.create_registered_model(name)
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact}"
+        version = self.client.create_model_version(name, source, run_id=run_id)
+        for alias in aliases:
+            self.client.set_registered_model_alias(name, alias, version.version)
+        return str(version.version)
+
+
+def tracker_for(uri: str | None, experiment: str, *, rank: int = 0) -> NullTracker:
+    """The MLflow tracker on rank 0 with a URI; the null tracker elsewhere."""
+    return MlflowTracker(uri, experiment) if uri and rank == 0 else NullTracker()
