@@ -143,7 +143,14 @@ class EvalInputs:
     oracle: dict[str, Any] | None = None
     is_oracle: bool = False
     utility_splits: tuple[str, ...] = ("real_authors", "world_facts")
-    notes: dict[str, str] = field(default_factory=dict)
+    _rouge: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+
+    def rouge(self, split: str) -> np.ndarray:
+        """ROUGE-L recall of a split's greedy answers, scored once per evaluation (utility reuses it)."""
+        if split not in self._rouge:
+            p = self.probes[split]
+            self._rouge[split] = rouge_l(p.generation, p.answers)
+        return self._rouge[split]
 
 
 def _mean(x: np.ndarray) -> Value:
@@ -167,7 +174,7 @@ def probability(x: EvalInputs) -> dict[str, Value]:
 @METRICS.register("rouge")
 def rouge(x: EvalInputs) -> dict[str, Value]:
     """<split>_rouge: ROUGE-L recall of the greedy answer against the true answer."""
-    return {f"{s}_rouge": _mean(rouge_l(p.generation, p.answers)) for s, p in x.probes.items() if p.generation}
+    return {f"{s}_rouge": _mean(x.rouge(s)) for s, p in x.probes.items() if p.generation}
 
 
 @METRICS.register("truth_ratio")
@@ -224,7 +231,7 @@ def model_utility(x: EvalInputs) -> dict[str, Value]:
         p = x.probes[s]
         terms[f"{s}_probability"] = float(utility_probability(p, s).mean())
         if p.generation:
-            terms[f"{s}_rouge"] = float(rouge_l(p.generation, p.answers).mean())
+            terms[f"{s}_rouge"] = float(x.rouge(s).mean())
         if p.paraphrased is not None and p.perturbed:
             terms[f"{s}_truth_ratio"] = float(truth_ratio_retain(truth_ratio(p.paraphrased, p.perturbed)).mean())
     if not terms:

@@ -15,6 +15,7 @@ results as a `SplitProbes` that every metric reads.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -74,8 +75,6 @@ def _batch_token_stats(logits: torch.Tensor, labels: torch.Tensor) -> list[tuple
 
 
 def _progress(total: int, desc: str, show: bool | None) -> Any:
-    import sys
-
     return tqdm(total=total, desc=desc, leave=False, disable=not (sys.stderr.isatty() if show is None else show))
 
 

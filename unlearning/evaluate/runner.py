@@ -63,10 +63,9 @@ def _device() -> Any:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def run_probes(model: Any, prepared: PreparedData, cfg: ExperimentConfig, splits: list[str], *, generations: bool
+def run_probes(model: Any, data: Any, tokenizer: Any, cfg: ExperimentConfig, splits: list[str], *, generations: bool
                ) -> dict[str, SplitProbes]:
-    """Every probe of every split, on an already loaded model."""
-    data, tokenizer = prepared.splits(), prepared.tokenizer()
+    """Every probe of every split (`data`: the prepared DatasetDict), on an already loaded model."""
     return {s: probe_split(model, list(data[s]), tokenizer, cfg.data.template, max_length=cfg.data.max_length,
                            batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
                            generations=generations) for s in splits}
@@ -92,12 +91,12 @@ def evaluate_checkpoint(path: Path, prepared: PreparedData, cfg: ExperimentConfi
     splits = cfg.eval.splits or list(prepared.info()["counts"])
     start = time.perf_counter()
     model = load_causal_lm(path, cfg.model.dtype, cfg.model.trust_remote_code).to(_device())
-    probes = run_probes(model, prepared, cfg, splits, generations=suite.generations)
+    data = prepared.splits()
+    probes = run_probes(model, data, prepared.tokenizer(), cfg, splits, generations=suite.generations)
     probe_s = time.perf_counter() - start
     start = time.perf_counter()
     values = compute_metrics(probes, suite.metrics, oracle=oracle.result if oracle else None, is_oracle=is_oracle,
                              utility_splits=tuple(cfg.eval.utility_splits))
-    data = prepared.splits()
     return {
         "label": label, "model": str(path), "identity": model_identity(path),
         "data": str(prepared.path), "data_fingerprint": prepared.fingerprint, "suite": suite.name,

@@ -25,7 +25,15 @@ from typing import Any
 import torch
 
 from unlearning.errors import UserError
-from unlearning.merge.safetensors_io import Planned, TensorInfo, checkpoint_tensors, read_rows, row_chunks, write_shards
+from unlearning.merge.safetensors_io import (
+    Planned,
+    TensorInfo,
+    checkpoint_tensors,
+    read_header,
+    read_rows,
+    row_chunks,
+    write_shards,
+)
 from unlearning.registry import Registry
 
 MERGES = Registry("merge")
@@ -170,7 +178,10 @@ def _open_lora(path: Path, base: dict[str, TensorInfo]) -> tuple[LoraTask, list[
     task, problems = LoraTask(path, scale), []
     if cfg.get("fan_in_fan_out"):
         problems.append(f"{path}: fan_in_fan_out adapters (GPT-2 style Conv1D) are not supported")
-    tensors = checkpoint_tensors_adapter(path)
+    file = path / "adapter_model.safetensors"
+    if not file.is_file():
+        return task, [*problems, f"{path}: no adapter_model.safetensors (the merge reads safetensors adapters only)"]
+    tensors = read_header(file)[0]
     for key, a in tensors.items():
         if ".lora_A." not in key:
             continue
@@ -191,15 +202,6 @@ def _open_lora(path: Path, base: dict[str, TensorInfo]) -> tuple[LoraTask, list[
     if not task.pairs and not problems:
         problems.append(f"{path}: the adapter holds no lora_A/lora_B pairs")
     return task, problems
-
-
-def checkpoint_tensors_adapter(path: Path) -> dict[str, TensorInfo]:
-    from unlearning.merge.safetensors_io import read_header
-
-    file = path / "adapter_model.safetensors"
-    if not file.is_file():
-        raise UserError(f"{path}: no adapter_model.safetensors (the merge reads safetensors adapters only)")
-    return read_header(file)[0]
 
 
 def _copy_side_files(base: Path, out: Path) -> None:
