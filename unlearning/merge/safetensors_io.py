@@ -53,15 +53,15 @@ class TensorInfo:
         return self.nbytes // self.rows if self.rows else 0
 
 
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """The tensors of one safetensors file (name → info) and its `__metadata__`."""
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """The tensors of one safetensors file: name → where its bytes are."""
     with path.open("rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(size))
-    meta = header.pop("__metadata__", {}) or {}
+    header.pop("__metadata__", None)
     start = 8 + size
     return {name: TensorInfo(name, path, DTYPES[h["dtype"]], tuple(h["shape"]), start + h["data_offsets"][0])
-            for name, h in header.items()}, meta
+            for name, h in header.items()}
 
 
 def checkpoint_tensors(directory: Path) -> dict[str, TensorInfo]:
@@ -75,7 +75,7 @@ def checkpoint_tensors(directory: Path) -> dict[str, TensorInfo]:
         raise FileNotFoundError(f"{directory} holds neither {SINGLE} nor {INDEX}")
     tensors: dict[str, TensorInfo] = {}
     for name in files:
-        tensors.update(read_header(directory / name)[0])
+        tensors.update(read_header(directory / name))
     return tensors
 
 

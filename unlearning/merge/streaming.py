@@ -181,7 +181,7 @@ def _open_lora(path: Path, base: dict[str, TensorInfo]) -> tuple[LoraTask, list[
     file = path / "adapter_model.safetensors"
     if not file.is_file():
         return task, [*problems, f"{path}: no adapter_model.safetensors (the merge reads safetensors adapters only)"]
-    tensors = read_header(file)[0]
+    tensors = read_header(file)
     for key, a in tensors.items():
         if ".lora_A." not in key:
             continue
