@@ -35,7 +35,7 @@ demo: env
 	$(BIN)/unlearn eval configs/demo.yaml
 
 test: env
-	$(BIN)/ruff check unlearning tests bench
+	$(BIN)/ruff check unlearning flows tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
