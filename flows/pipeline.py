@@ -21,29 +21,16 @@ from unlearning.evaluate.report import best_model, results_table, tradeoff_plot
 from unlearning.tracking import NullTracker, flatten, tracker_for
 
 
-@task(name="prepare", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def prepare_task(cfg: ExperimentConfig) -> stages.PreparedData:
-    return stages.prepare(cfg)
+def _stage_task(name: str, fn: Any, **options: Any) -> Any:
+    """A Prefect task that calls one stage function (the stages cache their own outputs by content)."""
+    return task(fn, name=name, cache_policy=NO_CACHE, **options)
 
 
-@task(name="build-models", cache_policy=NO_CACHE)
-def build_task(cfg: ExperimentConfig) -> stages.BuiltModels:
-    return stages.build_models(cfg)
-
-
-@task(name="unlearn", cache_policy=NO_CACHE)
-def unlearn_task(cfg: ExperimentConfig) -> stages.Unlearned:
-    return stages.unlearn(cfg)
-
-
-@task(name="merge", cache_policy=NO_CACHE)
-def merge_task(cfg: ExperimentConfig) -> stages.Merged:
-    return stages.merge(cfg)
-
-
-@task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(cfg: ExperimentConfig) -> dict[str, stages.ModelEval]:
-    return stages.evaluate(cfg)
+prepare_task = _stage_task("prepare", stages.prepare, retries=2, retry_delay_seconds=2)  # I/O: retried
+build_task = _stage_task("build-models", stages.build_models)
+unlearn_task = _stage_task("unlearn", stages.unlearn)
+merge_task = _stage_task("merge", stages.merge)
+evaluate_task = _stage_task("evaluate", stages.evaluate)
 
 
 def _report(cfg: ExperimentConfig, evals: dict[str, stages.ModelEval], tracker: NullTracker) -> dict[str, Any]:
