@@ -49,7 +49,6 @@ def main() -> None:
     from unlearning.stages import prepare
 
     _quiet_libraries()
-    torch.set_num_threads(torch.get_num_threads())
     cfg = load_config(args.config, args.overrides)
     built, prepared = build_models(cfg), prepare(cfg)
     data, tok = prepared.splits(), prepared.tokenizer()

@@ -128,6 +128,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from unlearning.evaluate.report import format_value
     from unlearning.stages import evaluate
 
     cfg = _load(args)
@@ -138,18 +139,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for label in results:
         table.add_column(label, justify="right")
     for metric in (k for k in HEADLINE if k in present):
-        table.add_row(metric, *(_fmt(r.metrics.get(metric)) for r in results.values()))
+        table.add_row(metric, *(format_value(r.metrics.get(metric)) for r in results.values()))
     console = Console()
     console = Console(width=max(console.width, 34 + 12 * len(results)))  # never cut a metric name or a model
     console.print(table)
     for label, r in results.items():
         console.print(f"{label}: {r.eval_dir / 'eval.json'}{' (cached)' if r.cached else ''}", markup=False)
-
-
-def _fmt(v: float | None) -> str:
-    if v is None:
-        return "n/a"
-    return f"{v:.2e}" if v != 0 and abs(v) < 1e-2 else f"{v:.3f}"
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {

@@ -16,7 +16,8 @@ COLUMNS = ("forget_quality", "model_utility", "forget_probability", "forget_roug
 UTILITY_KEPT = 0.9  # the best model keeps at least this fraction of the target's utility
 
 
-def _cell(v: float | None) -> str:
+def format_value(v: float | None) -> str:
+    """A metric as the report and the CLI print it: n/a when unavailable, scientific when tiny."""
     if v is None:
         return "n/a"
     return f"{v:.2e}" if v != 0 and abs(v) < 1e-2 else f"{v:.3f}"
@@ -26,7 +27,7 @@ def results_table(models: Mapping[str, Metrics], columns: tuple[str, ...] = COLU
     """A markdown table, one row per model, one column per metric (n/a where a metric is unavailable)."""
     lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for label, m in models.items():
-        lines.append(f"| {label} | " + " | ".join(_cell(m.get(c)) for c in columns) + " |")
+        lines.append(f"| {label} | " + " | ".join(format_value(m.get(c)) for c in columns) + " |")
     return "\n".join(lines)
 
 

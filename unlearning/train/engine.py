@@ -29,6 +29,12 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_rat
     return get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * total_steps), total_steps)
 
 
+def adamw(params: list[torch.nn.Parameter], **hyper: Any) -> torch.optim.AdamW:
+    """torch's AdamW with the fused kernel where torch has one (CPU, CUDA): one pass per tensor."""
+    fused = all(p.device.type in ("cpu", "cuda") for p in params) or None
+    return torch.optim.AdamW(params, fused=fused, **hyper)
+
+
 class TorchEngine:
     """Single-process AdamW engine with gradient accumulation, clipping and a warm-up/cosine schedule.
 
@@ -46,8 +52,7 @@ class TorchEngine:
         self.grad_accum = grad_accum
         self.max_grad_norm = max_grad_norm
         params = [p for p in module.parameters() if p.requires_grad]
-        fused = all(p.device.type in ("cpu", "cuda") for p in params) or None  # one kernel per tensor
-        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
+        self.optimizer = adamw(params, lr=lr, weight_decay=weight_decay)
         self.scheduler = warmup_cosine(self.optimizer, total_steps, warmup_ratio)
         self.micro_steps = 0
 
@@ -195,9 +200,8 @@ def _client_optimizer(params: list[torch.nn.Parameter], ds_config: dict[str, Any
     hyper = dict(spec.get("params", {}))
     if not hyper.pop("torch_adam", False):
         return None, ds_config
-    fused = all(p.device.type in ("cpu", "cuda") for p in params) or None
-    optimizer = torch.optim.AdamW(params, lr=hyper["lr"], betas=tuple(hyper["betas"]), eps=hyper["eps"],
-                                  weight_decay=hyper["weight_decay"], fused=fused)
+    optimizer = adamw(params, lr=hyper["lr"], betas=tuple(hyper["betas"]), eps=hyper["eps"],
+                      weight_decay=hyper["weight_decay"])
     return optimizer, {k: v for k, v in ds_config.items() if k != "optimizer"}
 
 
