@@ -1,49 +1,269 @@
-"""The Prefect pipeline: prepare → build target and oracle → unlearn → merge → evaluate → report.
+"""The Prefect flows: the pipeline (prepare → build target and oracle → unlearn with each method → merge →
+evaluate every model → report) and the sweep over a grid of config values.
 
-Tasks are thin calls to the stage functions in `unlearning/` (each content-cached on disk, so a rerun
-skips finished work); MLflow gets one parent run per pipeline run and a nested run per stage, through
-the tracking adapter. Work in progress: see issue 6 for what is still to come (methods lists, Prefect
-result caching, sweeps, sequences).
+Tasks are thin calls to the stage functions in `unlearning/`. Each task is cached by content: its key is
+the config section it reads plus the fingerprints of its inputs (prepared data, checkpoint identities), and
+its result is persisted under `<output_dir>/.prefect`, so a rerun of the same config skips every finished
+stage, and changing one method's parameter reruns that method's training and evaluation only. A cached
+result whose files were deleted since is recomputed. (The stages also cache their outputs on disk, so the
+CLI commands and a run with `pipeline.cache: false` reuse finished work too.)
+
+MLflow gets one parent run per pipeline run, tagged with the Prefect flow-run id, the git commit and the
+data fingerprint, and one nested run per stage, per method and per evaluated model.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
+import re
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+import unlearning
 from unlearning import stages
-from unlearning.config import ExperimentConfig, validate_config
+from unlearning.config import ExperimentConfig, Stage, apply_overrides, content_hash, method_runs, validate_config
+from unlearning.errors import UserError, raise_if
 from unlearning.evaluate.report import best_model, results_table, tradeoff_plot
-from unlearning.tracking import NullTracker, flatten, tracker_for
+from unlearning.merge.stage import finetune_config
+from unlearning.models import model_identity
+from unlearning.tracking import NullTracker, flatten, tracker_for, ui_command
+from unlearning.unlearn import run_key
+
+# --- the tasks: one stage call each --------------------------------------------------------------------------
 
 
-def _stage_task(name: str, fn: Any, **options: Any) -> Any:
-    """A Prefect task that calls one stage function (the stages cache their own outputs by content)."""
-    return task(fn, name=name, cache_policy=NO_CACHE, **options)
+def _build(cfg: ExperimentConfig, prepared: stages.PreparedData) -> stages.BuiltModels:
+    return stages.build_models(cfg)
 
 
-prepare_task = _stage_task("prepare", stages.prepare, retries=2, retry_delay_seconds=2)  # I/O: retried
-build_task = _stage_task("build-models", stages.build_models)
-unlearn_task = _stage_task("unlearn", stages.unlearn)
-merge_task = _stage_task("merge", stages.merge)
-evaluate_task = _stage_task("evaluate", stages.evaluate)
+def _unlearn(cfg: ExperimentConfig, prepared: stages.PreparedData, built: stages.BuiltModels) -> stages.Unlearned:
+    return stages.unlearn(cfg)
 
 
-def _report(cfg: ExperimentConfig, evals: dict[str, stages.ModelEval], tracker: NullTracker) -> dict[str, Any]:
+def _merge(cfg: ExperimentConfig, prepared: stages.PreparedData, built: stages.BuiltModels) -> stages.Merged:
+    return stages.merge(cfg)
+
+
+def _evaluate(cfg: ExperimentConfig, prepared: stages.PreparedData, label: str, path: Path,
+              oracle: stages.ModelEval | None) -> stages.ModelEval:
+    return stages.evaluate_model(path, prepared, cfg, label=label, oracle=oracle, is_oracle=label == "oracle")
+
+
+prepare_task = task(name="prepare")(stages.prepare)
+build_task = task(name="build-models")(_build)
+unlearn_task = task(name="unlearn")(_unlearn)
+merge_task = task(name="merge")(_merge)
+evaluate_task = task(name="evaluate")(_evaluate)
+
+
+# --- cache keys: the config section a stage reads + the fingerprints of its inputs ----------------------------
+
+
+def _source_stamp(cfg: ExperimentConfig) -> list[Any]:
+    """Size and time of local data files, so editing a source file invalidates the prepared data."""
+    paths = [Path(p) for p in cfg.data.splits.values()] + ([Path(cfg.data.path)] if cfg.data.path else [])
+    files = [f for p in paths if p.exists() for f in ([p] if p.is_file() else sorted(p.rglob("*")))]
+    return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+
+
+def _key(stage: str, cfg: ExperimentConfig, *parts: Any) -> str:
+    return content_hash(stage, unlearning.__version__, str(cfg.out.resolve()), *parts, length=32)
+
+
+def prepare_key(_: Any, p: dict[str, Any]) -> str:
+    cfg = p["cfg"]
+    return _key("prepare", cfg, cfg.data.model_dump(), cfg.seed, cfg.model.base, cfg.model.target, _source_stamp(cfg))
+
+
+def build_key(_: Any, p: dict[str, Any]) -> str:
+    cfg = p["cfg"]
+    given = [model_identity(m) for m in (cfg.model.target, cfg.model.oracle) if m]
+    return _key("build", cfg, p["prepared"].fingerprint, cfg.model.model_dump(), cfg.seed, given)
+
+
+def unlearn_key(_: Any, p: dict[str, Any]) -> str:
+    cfg = p["cfg"]
+    return _key("unlearn", cfg, run_key(cfg, str(p["built"].target), p["prepared"]))
+
+
+def merge_key(_: Any, p: dict[str, Any]) -> str:
+    cfg = p["cfg"]
+    ft = run_key(finetune_config(cfg), str(p["built"].target), p["prepared"])
+    return _key("merge", cfg, ft, model_identity(p["built"].target), cfg.merge.model_dump())
+
+
+def evaluate_key(_: Any, p: dict[str, Any]) -> str:
+    cfg, oracle = p["cfg"], p["oracle"]
+    settings = cfg.eval.model_dump(exclude={"models"})
+    return _key("eval", cfg, p["label"], model_identity(p["path"]), p["prepared"].fingerprint, settings,
+                cfg.data.template.model_dump(), cfg.model.dtype, oracle.result["identity"] if oracle else None)
+
+
+def _outputs_exist(result: Any) -> bool:
+    """Whether every path a stage result names is still on disk (a cached result may outlive its files)."""
+    paths: list[Path] = []
+    for field in dataclasses.fields(result):
+        value = getattr(result, field.name)
+        values = value.values() if isinstance(value, dict) else [value]
+        paths += [v for v in values if isinstance(v, Path)]
+    return all(p.exists() for p in paths)
+
+
+class StageRunner:
+    """Calls the stage tasks of one config with its cache, retries and time limits; records how each ended."""
+
+    def __init__(self, cfg: ExperimentConfig, tracker: NullTracker):
+        self.cfg, self.tracker = cfg, tracker
+        self.states: dict[str, str] = {}
+        self.storage = (cfg.out / ".prefect").resolve()  # a Path: a local result store, nothing to register
+
+    def __call__(self, t: Any, key: Callable[[Any, dict[str, Any]], str], name: str, stage: Stage, *args: Any,
+                 retries: int = 0) -> Any:
+        p = self.cfg.pipeline
+        options: dict[str, Any] = {"task_run_name": name, "timeout_seconds": p.timeout_s.get(stage),
+                                   "retries": retries, "retry_delay_seconds": p.retry_delay_s}
+        if p.cache:
+            options.update(cache_key_fn=key, persist_result=True, result_storage=self.storage)
+        else:
+            options.update(cache_policy=NO_CACHE)
+        configured = t.with_options(**options)
+        state = configured(*args, return_state=True)
+        result = state.result()  # raises the stage's own error when it failed
+        if state.name == "Cached" and not _outputs_exist(result):
+            state = configured.with_options(refresh_cache=True)(*args, return_state=True)
+            result = state.result()
+        self.states[name] = state.name
+        self.tracker.set_tags({"prefect_state": state.name})
+        return result
+
+
+# --- the pipeline --------------------------------------------------------------------------------------------
+
+
+def run_stages(cfg: ExperimentConfig, tracker: NullTracker) -> tuple[dict[str, stages.ModelEval], dict[str, str]]:
+    """Every stage of one config under `tracker`'s current run; (label → evaluation, task name → final state)."""
+    call = StageRunner(cfg, tracker)
+    with tracker.run("prepare", nested=True):
+        prepared = call(prepare_task, prepare_key, "prepare", "prepare", cfg, retries=cfg.pipeline.retries)
+        tracker.set_tags({"data_fingerprint": prepared.fingerprint})
+        tracker.log_metrics({f"{split}_items": n for split, n in prepared.info()["counts"].items()})
+    tracker.set_tags({"data_fingerprint": prepared.fingerprint})
+    raise_if(stages.preflight(cfg, prepared))  # every config/data problem, before any model is built
+
+    roles = {entry for entry in cfg.eval.models if "=" not in entry}
+    paths: dict[str, Path] = {label: Path(p) for label, sep, p in (e.partition("=") for e in cfg.eval.models) if sep}
+    expanded: dict[str, list[str]] = {}
+    with tracker.run("build-models", nested=True):
+        built = call(build_task, build_key, "build-models", "build", cfg, prepared)
+        tracker.log_metrics(flatten(built.summary["probability"]))  # type: ignore[arg-type]
+        tracker.log_artifact(cfg.out / "models" / "summary.json")
+    paths.update({"target": built.target, "oracle": built.oracle})
+    if "unlearned" in roles:
+        expanded["unlearned"] = []
+        for label, run in method_runs(cfg).items():
+            with tracker.run(f"unlearn-{label}", nested=True):
+                tracker.log_params(flatten({"method": run.method.model_dump(), "train": run.train.model_dump()}))
+                done = call(unlearn_task, unlearn_key, f"unlearn-{label}", "unlearn", run, prepared, built)
+                tracker.log_history(done.summary["losses"])
+                tracker.log_metrics({k: done.summary[k] for k in ("steps", "tokens_per_s", "peak_rss_mb", "train_s")})
+                tracker.log_artifact(done.run_dir / "run_summary.json")
+            paths[label] = done.model
+            expanded["unlearned"].append(label)
+    if "merged" in roles:
+        with tracker.run("merge", nested=True):
+            merged = call(merge_task, merge_key, "merge", "merge", cfg, prepared, built)
+            tracker.log_artifact(cfg.out / "merge" / "summary.json")
+        expanded["merged"] = [stages.Merged.label(lam) for lam in merged.models]
+        paths.update({stages.Merged.label(lam): p for lam, p in merged.models.items()})
+
+    order = stages.eval_order(cfg, expanded)
+    evals: dict[str, stages.ModelEval] = {}
+    oracle = None
+    for label in sorted(order, key=lambda x: x != "oracle"):  # the oracle first: the others' reference
+        with tracker.run(f"eval-{label}", nested=True):
+            result = call(evaluate_task, evaluate_key, f"eval-{label}", "eval", cfg, prepared, label, paths[label],
+                          oracle)
+            tracker.log_metrics(result.metrics)
+            tracker.log_artifact(result.eval_dir / "eval.json")
+        evals[label] = result
+        oracle = result if label == "oracle" else oracle
+    return {label: evals[label] for label in order}, call.states
+
+
+def _artifact_key(text: str) -> str:
+    """Prefect artifact keys: lowercase letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-") or "report"
+
+
+def git_commit() -> str:
+    """The commit of the code that ran (the package version outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(unlearning.__file__).parent, capture_output=True,
+                             text=True, timeout=10, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return f"unlearning-{unlearning.__version__}"
+
+
+def run_tags() -> dict[str, str]:
+    from prefect.runtime import flow_run
+
+    return {"prefect_flow_run_id": str(flow_run.id or ""), "prefect_flow_run_name": str(flow_run.name or ""),
+            "git_commit": git_commit()}
+
+
+def write_report(out: Path, title: str, evals: dict[str, stages.ModelEval], tracker: NullTracker,
+                 states: dict[str, str]) -> dict[str, Any]:
+    """report.md, tradeoff.png and report.json under `out`, logged to MLflow and published as Prefect artifacts."""
     metrics = {label: r.metrics for label, r in evals.items()}
-    out = cfg.out / "report"
     out.mkdir(parents=True, exist_ok=True)
     table = results_table(metrics)
     best, why = best_model(metrics)
-    (out / "report.md").write_text(f"{table}\n\nBest: {best} ({why})\n")
-    plot = tradeoff_plot(metrics, out / "tradeoff.png", title=cfg.name)
-    tracker.log_artifact(out / "report.md")
+    plot = tradeoff_plot(metrics, out / "tradeoff.png", title=title)
+    (out / "report.md").write_text(f"# {title}\n\n{table}\n\nBest: {best} ({why})\n\nPlot: {plot}\n")
+    link, command = tracker.run_url(), ui_command(getattr(tracker, "uri", ""))
+    report = {"title": title, "table": table, "best": best, "why": why, "plot": str(plot),
+              "metrics": metrics, "eval": {label: str(r.eval_dir / "eval.json") for label, r in evals.items()},
+              "models": {label: str(r.path) for label, r in evals.items()}, "stages": states,
+              "mlflow_run": link, "mlflow_ui": command if link else None}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    for name in ("report.md", "report.json"):
+        tracker.log_artifact(out / name)
     tracker.log_artifact(plot)
-    return {"table": table, "best": best, "why": why, "plot": str(plot)}
+    key = _artifact_key(title)
+    create_markdown_artifact(f"# {title}\n\n{table}\n\nBest: **{best}** ({why})\n", key=f"{key}-results",
+                             description="forget quality, model utility, forget probability and ROUGE, privacy leak")
+    if link:
+        create_link_artifact(link, link_text="MLflow run", key=f"{key}-mlflow",
+                             description=f"the MLflow parent run (local store: `{command}` to browse)" if command
+                             else "the MLflow parent run")
+    return report
+
+
+def register(cfg: ExperimentConfig, evals: dict[str, stages.ModelEval], best: str | None, tracker: NullTracker
+             ) -> dict[str, str]:
+    """Target, oracle and the report's best model in the Model Registry, under aliases of those names."""
+    if not cfg.tracking.register_models:
+        return {}
+    name = cfg.tracking.registered_model or cfg.name
+    versions = {}
+    picks = {"target": "target", "oracle": "oracle", **({"best": best} if best else {})}
+    for alias, label in picks.items():
+        if label in evals:
+            r = evals[label]
+            version = tracker.register_model(r.path, name, [alias], tags={"label": label, "identity": r.result[
+                "identity"], "data_fingerprint": r.result["data_fingerprint"]})
+            if version:
+                versions[alias] = version
+    return versions
 
 
 @flow(name="unlearning-pipeline")
@@ -51,26 +271,14 @@ def pipeline(config: dict[str, Any]) -> dict[str, Any]:
     """Run every stage of `config` (a raw experiment mapping) and return the report."""
     cfg = validate_config(config)
     tracker = tracker_for(cfg.tracking.uri, cfg.tracking.experiment or cfg.name)
-    with tracker.run(cfg.name):
+    with tracker.run(cfg.name, tags=run_tags()):
         tracker.log_params(flatten(cfg.to_dict()))
-        with tracker.run("prepare", nested=True):
-            prepared = prepare_task(cfg)
-            tracker.set_tags({"data_fingerprint": prepared.fingerprint})
-        with tracker.run("build-models", nested=True):
-            build_task(cfg)
-        with tracker.run(f"unlearn-{cfg.method.name}", nested=True):
-            done = unlearn_task(cfg)
-            tracker.log_history(done.summary["losses"])
-            tracker.log_artifact(done.run_dir / "run_summary.json")
-        with tracker.run("merge", nested=True):
-            merge_task(cfg)
-        evals = evaluate_task(cfg)
-        for label, result in evals.items():
-            with tracker.run(f"eval-{label}", nested=True):
-                tracker.log_metrics(result.metrics)
-                tracker.log_artifact(result.eval_dir / "eval.json")
-        report = _report(cfg, evals, tracker)
-    (cfg.out / "report" / "report.json").write_text(json.dumps(report, indent=2))
+        (cfg.out).mkdir(parents=True, exist_ok=True)
+        (cfg.out / "config.resolved.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        tracker.log_artifact(cfg.out / "config.resolved.json")
+        evals, states = run_stages(cfg, tracker)
+        report = write_report(cfg.out / "report", cfg.name, evals, tracker, states)
+        report["registered"] = register(cfg, evals, report["best"], tracker)
     return report
 
 
@@ -79,3 +287,82 @@ def run(config_path: str | Path, overrides: list[str] | None = None) -> dict[str
     from unlearning.config import load_config
 
     return pipeline(load_config(config_path, overrides).to_dict())
+
+
+# --- the sweep -----------------------------------------------------------------------------------------------
+
+
+def parse_grid(items: list[str]) -> dict[str, list[Any]]:
+    """`KEY=V1,V2` strings → {key: [values]}; values are YAML, so `merge.lambdas=[1,2],[5]` gives two lists."""
+    import yaml
+
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not raw.strip():
+            raise UserError(f"--grid {item!r}: write KEY=V1,V2,... e.g. train.lr=1e-4,5e-4")
+        try:
+            values = yaml.safe_load(f"[{raw}]")
+        except yaml.YAMLError as e:
+            raise UserError(f"--grid {item!r}: the values are not a YAML list: {e}") from e
+        if key in grid:
+            raise UserError(f"--grid names {key} twice; give all its values in one KEY=V1,V2")
+        grid[key] = values
+    return grid
+
+
+def grid_points(config: dict[str, Any], grid: dict[str, list[Any]]) -> dict[str, ExperimentConfig]:
+    """Point label → validated config, for every combination of the grid; every point's problems at once."""
+    points, problems = {}, []
+    for combo in itertools.product(*grid.values()):
+        overrides = [f"{k}={json.dumps(v)}" for k, v in zip(grid, combo, strict=True)]
+        label = ",".join(f"{k}={json.dumps(v)}" for k, v in zip(grid, combo, strict=True))
+        try:
+            points[label] = validate_config(apply_overrides(config, overrides))
+        except UserError as e:
+            problems += [f"grid point {label}: {p}" for p in e.problems]
+    raise_if(problems)
+    return points
+
+
+@flow(name="unlearning-sweep")
+def sweep(config: dict[str, Any], grid: dict[str, list[Any]]) -> dict[str, Any]:
+    """The pipeline at every point of `grid` (key → values) under one MLflow parent run, one combined report.
+
+    The points share the output directory, so stages they have in common (data, target, oracle, and any
+    unlearning run a point does not change) run once. A model shared by every point is one row of the
+    report; the others are labelled `label [point]`.
+    """
+    if not grid:
+        raise UserError("the sweep has no grid; pass --grid KEY=V1,V2 (e.g. train.lr=1e-4,5e-4)")
+    points = grid_points(config, grid)
+    base = validate_config(config)
+    tracker = tracker_for(base.tracking.uri, base.tracking.experiment or base.name)
+    results: dict[str, dict[str, stages.ModelEval]] = {}
+    states: dict[str, str] = {}
+    with tracker.run(f"{base.name}-sweep", tags={**run_tags(), "sweep_grid": json.dumps(grid)}):
+        tracker.log_params({"sweep.grid": json.dumps(grid), **flatten(base.to_dict())})
+        for label, cfg in points.items():
+            with tracker.run(label, nested=True):
+                tracker.log_params(flatten(cfg.to_dict()))
+                results[label], point_states = run_stages(cfg, tracker)
+            states.update({f"{s} [{label}]": v for s, v in point_states.items()})
+        combined = combine(results)
+        out = base.out / "sweep" / content_hash(grid, sorted(points))
+        report = write_report(out, f"{base.name} sweep", combined, tracker, states)
+        report["points"] = list(points)
+    return report
+
+
+def combine(results: dict[str, dict[str, stages.ModelEval]]) -> dict[str, stages.ModelEval]:
+    """One row per distinct evaluation: a model every point shares keeps its label, others get `[point]`."""
+    dirs: dict[str, set[Path]] = {}
+    for evals in results.values():
+        for label, r in evals.items():
+            dirs.setdefault(label, set()).add(r.eval_dir)
+    combined: dict[str, stages.ModelEval] = {}
+    for point, evals in results.items():
+        for label, r in evals.items():
+            shared = len(dirs[label]) == 1 and all(label in e for e in results.values())
+            combined[label if shared else f"{label} [{point}]"] = r
+    return combined

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from unlearning.errors import UserError
@@ -85,22 +86,26 @@ def cmd_build_models(args: argparse.Namespace) -> None:
 def cmd_unlearn(args: argparse.Namespace) -> None:
     from rich.console import Console
 
+    from unlearning.config import method_runs
     from unlearning.stages import unlearn
 
     cfg = _load(args)
-    done = unlearn(cfg)
-    s = done.summary
     console = Console()
-    losses = s["losses"]
-    how = "cached" if done.cached else f"{s['train_s']:.1f} s of training, {s['wall_s']:.0f} s in all"
-    console.print(f"{s['method']['name']}: {s['steps']} steps on {s['world_size']} rank(s), ZeRO-{s['zero_stage']}"
-                  f"{', LoRA' if s['lora'] else ''}, stopped by {s['stopped_by']} ({how})", markup=False)
-    if losses:
-        console.print(f"loss {losses[0]['loss']:.3f} -> {losses[-1]['loss']:.3f}; forget NLL "
-                      f"{losses[0]['forget_nll']:.3f} -> {losses[-1]['forget_nll']:.3f}; "
-                      f"{s['tokens_per_s']:.0f} tokens/s; peak RSS {s['peak_rss_mb']:.0f} MB", markup=False)
-    console.print(_probability_table(s["probability"]))
-    console.print(f"model: {s['model']}" + (f"\nadapter: {s['adapter']}" if s.get("adapter") else ""), markup=False)
+    for label, run in method_runs(cfg).items():
+        done = unlearn(run)
+        s = done.summary
+        losses = s["losses"]
+        how = "cached" if done.cached else f"{s['train_s']:.1f} s of training, {s['wall_s']:.0f} s in all"
+        console.print(f"{label} ({s['method']['name']}): {s['steps']} steps on {s['world_size']} rank(s), "
+                      f"ZeRO-{s['zero_stage']}{', LoRA' if s['lora'] else ''}, stopped by {s['stopped_by']} ({how})",
+                      markup=False)
+        if losses:
+            console.print(f"loss {losses[0]['loss']:.3f} -> {losses[-1]['loss']:.3f}; forget NLL "
+                          f"{losses[0]['forget_nll']:.3f} -> {losses[-1]['forget_nll']:.3f}; "
+                          f"{s['tokens_per_s']:.0f} tokens/s; peak RSS {s['peak_rss_mb']:.0f} MB", markup=False)
+        console.print(_probability_table(s["probability"]))
+        console.print(f"model: {s['model']}" + (f"\nadapter: {s['adapter']}" if s.get("adapter") else ""),
+                      markup=False)
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -147,13 +152,73 @@ def cmd_eval(args: argparse.Namespace) -> None:
         console.print(f"{label}: {r.eval_dir / 'eval.json'}{' (cached)' if r.cached else ''}", markup=False)
 
 
+def _print_report(report: dict[str, Any], uri: str) -> None:
+    """The end of `unlearn run` and `unlearn sweep`: the results table, the plot, how to browse the runs."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from unlearning.evaluate.report import COLUMNS, format_value
+    from unlearning.tracking import ui_command, ui_url
+
+    metrics = report["metrics"]
+    table = Table(title=report["title"])
+    table.add_column("model")
+    for column in COLUMNS:
+        table.add_column(column, justify="right")
+    for label, m in metrics.items():
+        table.add_row(label, *(format_value(m.get(c)) for c in COLUMNS))
+    console = Console()
+    console = Console(width=max(console.width, 40 + 16 * len(COLUMNS)))
+    console.print(table)
+    cached = sum(state == "Cached" for state in report["stages"].values())
+    console.print(f"best: {report['best']} ({report['why']})", markup=False)
+    console.print(f"stages: {len(report['stages'])} ran, {cached} of them from the cache", markup=False)
+    console.print(f"plot: {report['plot']}", markup=False)
+    console.print(f"report: {Path(report['plot']).with_name('report.md')}", markup=False)
+    command = ui_command(uri)
+    if report.get("mlflow_run"):
+        browse = f"{command}   then open {report['mlflow_run']}" if command else f"open {report['mlflow_run']}"
+        console.print(f"MLflow: {browse}", markup=False)
+    elif uri:
+        console.print(f"MLflow: {ui_url(uri)}", markup=False)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from flows.pipeline import pipeline
+
+    cfg = _load(args)
+    _quiet_prefect()
+    _print_report(pipeline(cfg.to_dict()), cfg.tracking.uri)
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from flows.pipeline import grid_points, parse_grid, sweep
+
+    cfg = _load(args)
+    grid = parse_grid([item for group in args.grid or [] for item in group])
+    if not grid:
+        raise UserError("unlearn sweep needs --grid KEY=V1,V2 ... (e.g. --grid train.lr=1e-4,5e-4 method.name=ga,npo)")
+    grid_points(cfg.to_dict(), grid)  # every point validated before the flow starts
+    _quiet_prefect()
+    _print_report(sweep(cfg.to_dict(), grid), cfg.tracking.uri)
+
+
+def _quiet_prefect() -> None:
+    """Prefect's own INFO lines per task run drown the stage output; warnings and errors still show."""
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "validate": (cmd_validate, "check a config and print it resolved (every error at once)"),
     "prepare": (cmd_prepare, "build the forget/retain/holdout/eval splits and the tokenizer"),
     "build-models": (cmd_build_models, "build (or reuse) the target model and the retain oracle"),
-    "unlearn": (cmd_unlearn, "unlearn the forget set from the target with method.name (DeepSpeed ranks)"),
+    "unlearn": (cmd_unlearn, "unlearn the forget set from the target with each method (DeepSpeed ranks)"),
     "merge": (cmd_merge, "task-vector negation θ_target − λ·τ over merge.lambdas (τ: a forget fine-tune)"),
     "eval": (cmd_eval, "evaluate eval.models (target, oracle, unlearned, LABEL=PATH) with eval.suite"),
+    "run": (cmd_run, "the whole pipeline as a Prefect flow tracked in MLflow: data to a report comparing methods"),
+    "sweep": (cmd_sweep, "the pipeline over a grid of config values (--grid KEY=V1,V2), one combined report"),
 }
 
 
@@ -164,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("config", help="experiment YAML, e.g. configs/demo.yaml")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.lr=1e-5 method.name=npo")
+        if name == "sweep":
+            p.add_argument("--grid", nargs="+", action="append", metavar="KEY=V1,V2",
+                           help="values to sweep, e.g. --grid train.lr=1e-4,5e-4 method.name=ga,npo")
         p.set_defaults(fn=fn)
     return parser
 

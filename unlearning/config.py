@@ -209,6 +209,8 @@ class TrainConfig(Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     gradient_checkpointing: bool = False
     checkpoint_every: int = Field(0, ge=0, description="steps between DeepSpeed checkpoints; 0: only at end")
+    timeout_s: PositiveFloat | None = Field(None, description="wall-clock limit of the training job: past it every "
+                                            "rank is stopped, checkpoints kept; rerun to resume")
     keep_checkpoints: int = Field(2, ge=1, description="newest DeepSpeed checkpoints kept on disk")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     stop: StopConfig = Field(default_factory=StopConfig)
@@ -248,10 +250,10 @@ EVAL_ROLES = ("target", "oracle", "unlearned", "merged")
 class EvalConfig(Strict):
     suite: str = Field("tofu", description="tofu | muse | quick (unlearning/evaluate/suites.py)")
     models: list[str] = Field(
-        default_factory=lambda: ["target", "oracle", "unlearned"],
-        description="what `unlearn eval` evaluates: roles (target, oracle, unlearned; merged = one model "
-                    "per merge.lambdas value; built or reused) and LABEL=PATH checkpoints; forget quality and "
-                    "PrivLeak are measured against the oracle")
+        default_factory=lambda: list(EVAL_ROLES),
+        description="what `unlearn eval` and `unlearn run` evaluate: roles (target, oracle; unlearned = one "
+                    "model per method; merged = one model per merge.lambdas value; built or reused) and "
+                    "LABEL=PATH checkpoints; forget quality and PrivLeak are measured against the oracle")
     splits: list[str] | None = Field(None, description="prepared splits to evaluate; default: all of them")
     utility_splits: list[str] = Field(default_factory=lambda: ["real_authors", "world_facts"],
                                       description="splits that enter model utility beside retain, when present")
@@ -279,6 +281,41 @@ class EvalConfig(Strict):
 class TrackingConfig(Strict):
     uri: str = "sqlite:///mlflow.db"
     experiment: str | None = Field(None, description="MLflow experiment; default: the config's name")
+    registered_model: str | None = Field(None, description="Model Registry name for the pipeline's target, oracle "
+                                         "and best unlearned model (aliases); default: the config's name")
+    register_models: bool = Field(True, description="register those models (copies their weights to the artifact store)")
+
+
+Stage = Literal["prepare", "build", "unlearn", "merge", "eval"]
+
+
+class PipelineConfig(Strict):
+    """How `unlearn run` orchestrates the stages (Prefect): retries of I/O-bound work, per-stage time limits."""
+
+    retries: int = Field(2, ge=0, description="retries of I/O-bound tasks (data loading)")
+    retry_delay_s: float = Field(5.0, ge=0)
+    timeout_s: dict[Stage, PositiveFloat] = Field(
+        default_factory=dict, description="stage -> seconds; a stage past its limit fails the run (the training "
+        "job's own limit is train.timeout_s, which stops its ranks cleanly)")
+    cache: bool = Field(True, description="skip a stage whose inputs (config section + upstream fingerprints) "
+                        "match a finished run's; results persisted under <output_dir>/.prefect")
+
+
+class SequenceConfig(Strict):
+    """`unlearn sequence`: forget requests applied one after another, each starting from the last result."""
+
+    requests: int | list[list[str]] = Field(
+        3, description="N: the forget set's entities in N ordered groups; or a list of requests, each a list of "
+        "entity names from the forget set")
+
+    @pydantic.field_validator("requests")
+    @classmethod
+    def _check_requests(cls, v: int | list[list[str]]) -> int | list[list[str]]:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be at least 1")
+        if isinstance(v, list) and (not v or not all(v)):
+            raise ValueError("every request must name at least one entity")
+        return v
 
 
 class ExperimentConfig(Strict):
@@ -288,10 +325,15 @@ class ExperimentConfig(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
+    methods: list[dict[str, Any]] = Field(
+        default_factory=list, description="several unlearning runs, replacing `method`: each entry a method "
+        "section (name and parameters) with an optional `label` (default: the name) and `train` overrides")
     train: TrainConfig = Field(default_factory=TrainConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    sequence: SequenceConfig = Field(default_factory=SequenceConfig)
 
     @property
     def out(self) -> Path:
@@ -353,16 +395,16 @@ def _format_errors(e: pydantic.ValidationError) -> list[str]:
     return problems
 
 
-def _resolve_method(raw_method: Any) -> tuple[dict[str, Any], list[str]]:
+def _resolve_method(raw_method: Any, where: str = "method") -> tuple[dict[str, Any], list[str]]:
     """Validate the method's parameters against its registered function; fill in its defaults."""
     from unlearning.methods import METHODS  # the registry needs torch; import only when validating
 
     if not isinstance(raw_method, dict):
-        return {}, ["method: must be a section with at least `name`"]
+        return {}, [f"{where}: must be a section with at least `name`"]
     core = {k: raw_method[k] for k in ("name", "gamma", "alpha", "retain_loss") if k in raw_method}
     name = core.get("name", MethodConfig.model_fields["name"].default)
     extra = {k: v for k, v in raw_method.items() if k not in core}
-    params, problems = METHODS.validate(name, extra, where="method")
+    params, problems = METHODS.validate(name, extra, where=where)
     if problems:
         return {}, problems
     meta = METHODS.get(name).meta
@@ -375,6 +417,65 @@ def _resolve_method(raw_method: Any) -> tuple[dict[str, Any], list[str]]:
     return {**resolved, **params}, []
 
 
+def deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `changes` applied, section by section (a copy; neither argument is modified)."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+RESERVED_LABELS = ("target", "oracle", "unlearned")
+
+
+def _resolve_methods(raw: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Validate each `methods` entry (its method parameters and its `train` overrides); fill in defaults."""
+    entries = raw.get("methods") or []
+    if not isinstance(entries, list):
+        return [], ["methods: must be a list of method sections, e.g. [{name: ga}, {name: npo, beta: 0.1}]"]
+    resolved, problems, labels = [], [], []
+    for i, entry in enumerate(entries):
+        where = f"methods[{i}]"
+        entry = {"name": entry} if isinstance(entry, str) else entry
+        if not isinstance(entry, dict):
+            problems.append(f"{where}: must be a method section (name and parameters) or a method name")
+            continue
+        entry = dict(entry)
+        label = str(entry.pop("label", None) or entry.get("name", MethodConfig.model_fields["name"].default))
+        train = entry.pop("train", None) or {}
+        method, method_problems = _resolve_method(entry, where)
+        problems += method_problems
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", label) or label in RESERVED_LABELS or \
+                label.startswith("merged_l"):
+            problems.append(f"{where}.label: {label!r} must be a plain name other than {', '.join(RESERVED_LABELS)} "
+                            "and merged_l…")
+        labels.append(label)
+        if not isinstance(train, dict):
+            problems.append(f"{where}.train: must be a section of train overrides, e.g. {{lr: 1.0e-4}}")
+            continue
+        try:
+            ExperimentConfig.model_validate({"name": "check", "train": deep_merge(raw.get("train") or {}, train)})
+        except pydantic.ValidationError as e:
+            problems += [f"{where}.{p}" for p in _format_errors(e)]
+        resolved.append({"label": label, **method, "train": train})
+    repeated = sorted({x for x in labels if labels.count(x) > 1})
+    if repeated:
+        problems.append(f"methods: labels {repeated} repeat; give each entry its own `label`")
+    return resolved, problems
+
+
+def method_runs(cfg: ExperimentConfig) -> dict[str, ExperimentConfig]:
+    """Label → the config of one unlearning run: `methods` entries, or `method` alone labelled `unlearned`."""
+    if not cfg.methods:
+        return {"unlearned": cfg}
+    runs = {}
+    for entry in cfg.methods:
+        method = {k: v for k, v in entry.items() if k not in ("label", "train")}
+        train = TrainConfig.model_validate(deep_merge(cfg.train.model_dump(), entry.get("train") or {}))
+        runs[entry["label"]] = cfg.model_copy(update={"method": MethodConfig(**method), "train": train, "methods": []})
+    return runs
+
+
 def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
     """Validate a raw config mapping; raise one `UserError` with every problem found."""
     if not isinstance(raw, dict):
@@ -382,8 +483,11 @@ def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
     problems: list[str] = []
     method, method_problems = _resolve_method(raw.get("method", {}))
     problems += method_problems
+    methods, methods_problems = _resolve_methods(raw)
+    problems += methods_problems
     try:
-        cfg = ExperimentConfig.model_validate({**raw, "method": method} if method else raw)
+        cfg = ExperimentConfig.model_validate({**raw, **({"method": method} if method else {}),
+                                               **({"methods": methods} if methods else {})})
     except pydantic.ValidationError as e:
         problems += _format_errors(e)
         raise UserError(problems) from e

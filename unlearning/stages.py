@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+from unlearning.config import ExperimentConfig, method_runs
 from unlearning.data.prepare import PreparedData, prepare
-from unlearning.evaluate.runner import ModelEval, evaluate
-from unlearning.merge.stage import Merged, merge
+from unlearning.evaluate.runner import ModelEval, checkpoint_problems, eval_order, evaluate, evaluate_model
+from unlearning.merge.stage import Merged, finetune_config, merge
 from unlearning.models import BuiltModels, build_models
-from unlearning.unlearn import Unlearned, unlearn
+from unlearning.unlearn import Unlearned, data_problems, launch_problems, unlearn
 
-__all__ = ["BuiltModels", "Merged", "ModelEval", "PreparedData", "Unlearned", "build_models", "evaluate", "merge",
-           "prepare", "unlearn"]
+__all__ = ["BuiltModels", "Merged", "ModelEval", "PreparedData", "Unlearned", "build_models", "eval_order", "evaluate",
+           "evaluate_model", "merge", "preflight", "prepare", "unlearn"]
+
+
+def preflight(cfg: ExperimentConfig, prepared: PreparedData) -> list[str]:
+    """Every problem the later stages would raise about this config and data, found before any model is built:
+    each method run's launch and data checks, the merge fine-tune's, the eval checkpoints and splits."""
+    problems: list[str] = []
+    roles = {entry.partition("=")[0] for entry in cfg.eval.models if "=" not in entry}
+    runs = [*method_runs(cfg).items()] if "unlearned" in roles else []
+    if "merged" in roles:
+        runs.append(("merge.finetune", finetune_config(cfg)))
+    for label, run in runs:
+        where = "" if label == "unlearned" else f"{label}: "
+        problems += [where + p for p in launch_problems(run) + data_problems(run, prepared)]
+    problems += checkpoint_problems(cfg, prepared)
+    return list(dict.fromkeys(problems))

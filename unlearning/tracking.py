@@ -50,8 +50,22 @@ class NullTracker:
 
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
 
-    def register_model(self, path: Path, name: str, aliases: Sequence[str]) -> str | None:
+    def register_model(self, path: Path, name: str, aliases: Sequence[str], tags: Mapping[str, str] | None = None
+                       ) -> str | None:
         return None
+
+    def run_url(self) -> str | None:
+        return None
+
+
+def ui_url(uri: str) -> str:
+    """Where the runs of tracking URI `uri` are browsed: the server itself, or a local `mlflow ui`."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
+def ui_command(uri: str) -> str | None:
+    """The command that serves a local store's UI (None for a tracking server, which has its own)."""
+    return None if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri}"
 
 
 class MlflowTracker(NullTracker):
@@ -62,6 +76,7 @@ class MlflowTracker(NullTracker):
         from mlflow.tracking import MlflowClient
 
         mlflow.set_tracking_uri(uri)
+        self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
@@ -132,21 +147,37 @@ class MlflowTracker(NullTracker):
         for k, v in tags.items():
             self.client.set_tag(self._current(), k, str(v))
 
-    def register_model(self, path: Path, name: str, aliases: Sequence[str]) -> str | None:
-        """Register the checkpoint directory `path` (logged as this run's artifact) under `name`, with
-        `aliases` pointing at the new version; returns the version."""
+    def register_model(self, path: Path, name: str, aliases: Sequence[str], tags: Mapping[str, str] | None = None
+                       ) -> str | None:
+        """Register the checkpoint directory `path` under `name` and point `aliases` at it; returns the version.
+
+        A checkpoint already registered (same `identity` tag) only gets the aliases moved to its version, so a
+        rerun served from the cache uploads no weights. Otherwise the directory is logged as this run's
+        artifact and becomes a new version, tagged with `tags`.
+        """
         from mlflow.exceptions import MlflowException
 
-        run_id = self._current()
-        artifact = f"models/{name}"
-        self.client.log_artifacts(run_id, str(path), artifact)
+        tags = dict(tags or {})
         with contextlib.suppress(MlflowException):  # already registered: add a version
             self.client.create_registered_model(name)
-        source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact}"
-        version = self.client.create_model_version(name, source, run_id=run_id)
+        version = None
+        if "identity" in tags:
+            found = [v for v in self.client.search_model_versions(f"name = '{name}'")
+                     if v.tags.get("identity") == tags["identity"]]
+            version = found[0].version if found else None
+        if version is None:
+            run_id = self._current()
+            artifact = f"models/{tags.get('label', name)}"
+            self.client.log_artifacts(run_id, str(path), artifact)
+            source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact}"
+            version = self.client.create_model_version(name, source, run_id=run_id, tags=tags).version
         for alias in aliases:
-            self.client.set_registered_model_alias(name, alias, version.version)
-        return str(version.version)
+            self.client.set_registered_model_alias(name, alias, version)
+        return str(version)
+
+    def run_url(self) -> str | None:
+        """The current run's page in the MLflow UI."""
+        return f"{ui_url(self.uri)}/#/experiments/{self.experiment_id}/runs/{self._current()}"
 
 
 def tracker_for(uri: str | None, experiment: str, *, rank: int = 0) -> NullTracker:

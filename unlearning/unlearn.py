@@ -10,8 +10,10 @@ through torchrun or the deepspeed launcher (an argv list). The run directory
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -99,7 +101,7 @@ def _lora_problems(cfg: ExperimentConfig, tokenizer: Any) -> list[str]:
 def run_key(cfg: ExperimentConfig, target: str, prepared: PreparedData) -> str:
     """Everything the unlearned weights depend on."""
     return content_hash(UNLEARN_VERSION, model_identity(target), prepared.fingerprint, cfg.method.model_dump(),
-                        cfg.train.model_dump(exclude={"checkpoint_every", "keep_checkpoints", "hostfile"}),
+                        cfg.train.model_dump(exclude={"checkpoint_every", "keep_checkpoints", "hostfile", "timeout_s"}),
                         world_size(cfg), cfg.seed, cfg.model.dtype, cfg.data.template.model_dump())
 
 
@@ -112,9 +114,7 @@ def _job_env(cfg: ExperimentConfig) -> dict[str, str]:
 
 def _failure_message(run_dir: Path, log: Path, returncode: int) -> str:
     failure = run_dir / "failure.json"
-    ckpt = (run_dir / "checkpoints" / "latest")
-    resume = (f"the last good checkpoint is {ckpt.read_text().strip()} in {ckpt.parent}; rerun the same "
-              "command to resume from it" if ckpt.is_file() else "no checkpoint was written")
+    resume = _resume_hint(run_dir)
     if failure.is_file():
         return f"training stopped: {json.loads(failure.read_text())['error']} ({resume}; log: {log})"
     tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:]) if log.is_file() else ""
@@ -138,9 +138,49 @@ def launch(cfg: ExperimentConfig, spec: dict[str, Any], run_dir: Path) -> None:
     with log.open("a") as out:
         out.write(f"$ {' '.join(argv)}\n")
         out.flush()
-        proc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, env=_job_env(cfg), check=False)
-    if proc.returncode != 0 or not (run_dir / "run_summary.json").is_file():
-        raise TrainingFailed(_failure_message(run_dir, log, proc.returncode))
+        returncode = _run_job(argv, out, _job_env(cfg), train.timeout_s)
+    if returncode is None:
+        raise TrainingFailed(_timeout_message(cfg, run_dir, log))
+    if returncode != 0 or not (run_dir / "run_summary.json").is_file():
+        raise TrainingFailed(_failure_message(run_dir, log, returncode))
+
+
+def _resume_hint(run_dir: Path) -> str:
+    ckpt = run_dir / "checkpoints" / "latest"
+    return (f"the last good checkpoint is {ckpt.read_text().strip()} in {ckpt.parent}; rerun the same command to "
+            "resume from it" if ckpt.is_file() else "no checkpoint was written")
+
+
+def _timeout_message(cfg: ExperimentConfig, run_dir: Path, log: Path) -> str:
+    return (f"the training job ran past train.timeout_s={cfg.train.timeout_s:g} s and was stopped "
+            f"({_resume_hint(run_dir)}; raise train.timeout_s or set train.checkpoint_every; log: {log})")
+
+
+def _run_job(argv: list[str], out: Any, env: dict[str, str], timeout_s: float | None) -> int | None:
+    """Run the launcher in its own process group; its exit status, or None past `timeout_s`.
+
+    However this returns (timeout, Ctrl-C, an orchestrator's cancellation), no rank outlives it: the whole
+    group gets SIGTERM, then SIGKILL after a grace period.
+    """
+    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return None
+    finally:
+        if proc.poll() is None:
+            _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def job_spec(cfg: ExperimentConfig, target: str, prepared: PreparedData) -> tuple[Path, dict[str, Any]]:
@@ -148,35 +188,46 @@ def job_spec(cfg: ExperimentConfig, target: str, prepared: PreparedData) -> tupl
     run_dir = cfg.out / "unlearn" / f"{cfg.method.name}-{run_key(cfg, target, prepared)}"
     # LoRA starts at B = 0, so its starting model is the target itself and shares the cache.
     ref_key = content_hash(model_identity(target), prepared.fingerprint, cfg.seed, cfg.train.bf16)
-    return run_dir, {"config": cfg.to_dict(), "target": target, "data": str(prepared.path),
+    return run_dir, {"config": cfg.model_copy(update={"methods": []}).to_dict(), "target": target, "data": str(prepared.path),
                      "data_fingerprint": prepared.fingerprint, "run_dir": str(run_dir),
                      "ref_cache": str(cfg.out / "reference" / f"{ref_key}.safetensors")}
 
 
-def unlearn(cfg: ExperimentConfig) -> Unlearned:
-    """Unlearn the forget set from the target (built or given) with `cfg.method`; reuse a finished run."""
+def unlearn(cfg: ExperimentConfig, *, prepared: PreparedData | None = None, target: str | Path | None = None
+            ) -> Unlearned:
+    """Unlearn the forget set from the target with `cfg.method`; reuse a finished run.
+
+    By default the data is the config's prepared data and the target is built (or given by model.target);
+    `prepared` and `target` override both (sequential unlearning: one request's data, the last result).
+    """
     raise_if(launch_problems(cfg))
-    prepared = prepare(cfg)
+    own_data = prepared is None
+    prepared = prepared or prepare(cfg)
     raise_if(data_problems(cfg, prepared))
-    built = build_models(cfg)
-    target = str(built.target)
+    target_probs = None
+    if target is None:
+        built = build_models(cfg)
+        target = built.target
+        target_probs = built.summary["probability"]["target"] if own_data else None
 
-    run_dir, spec = job_spec(cfg, target, prepared)
+    run_dir, spec = job_spec(cfg, str(target), prepared)
     summary_path = run_dir / "run_summary.json"
-    if summary_path.is_file():
-        return Unlearned(run_dir / "model", run_dir, _with_probabilities(cfg, built, prepared, run_dir), cached=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    launch(cfg, spec, run_dir)
-    return Unlearned(run_dir / "model", run_dir, _with_probabilities(cfg, built, prepared, run_dir), cached=False)
+    cached = summary_path.is_file()
+    if not cached:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        launch(cfg, spec, run_dir)
+    summary = _with_probabilities(cfg, Path(target), target_probs, prepared, run_dir)
+    return Unlearned(run_dir / "model", run_dir, summary, cached=cached)
 
 
-def _with_probabilities(cfg: ExperimentConfig, built: Any, prepared: PreparedData, run_dir: Path) -> dict[str, Any]:
+def _with_probabilities(cfg: ExperimentConfig, target: Path, target_probs: dict[str, float] | None,
+                        prepared: PreparedData, run_dir: Path) -> dict[str, Any]:
     """The run summary with the target's and the unlearned model's mean answer probability per split."""
     path = run_dir / "run_summary.json"
     summary = json.loads(path.read_text())
     if "probability" not in summary:
-        summary["probability"] = {"target": built.summary["probability"]["target"],
+        summary["probability"] = {"target": target_probs or probabilities(target, prepared, cfg),
                                   "unlearned": probabilities(run_dir / "model", prepared, cfg)}
         tmp = path.with_name(".run_summary.json.tmp")
         tmp.write_text(json.dumps(summary, indent=2))

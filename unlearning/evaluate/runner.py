@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unlearning.config import ExperimentConfig, content_hash
+from unlearning.config import ExperimentConfig, content_hash, method_runs
 from unlearning.data.prepare import PreparedData, prepare
 from unlearning.errors import UserError, raise_if
 from unlearning.evaluate.metrics import METRICS, EvalInputs, Value
@@ -133,7 +133,7 @@ def evaluate_model(path: Path, prepared: PreparedData, cfg: ExperimentConfig, *,
     return ModelEval(label, path, out, result, cached=False)
 
 
-def _checkpoint_problems(cfg: ExperimentConfig, prepared: PreparedData) -> list[str]:
+def checkpoint_problems(cfg: ExperimentConfig, prepared: PreparedData) -> list[str]:
     problems = []
     for entry in cfg.eval.models:
         label, sep, path = entry.partition("=")
@@ -147,16 +147,25 @@ def _checkpoint_problems(cfg: ExperimentConfig, prepared: PreparedData) -> list[
     return problems
 
 
+def eval_order(cfg: ExperimentConfig, expanded: dict[str, list[str]], extra: dict[str, Path] | None = None
+               ) -> list[str]:
+    """The evaluated labels in `eval.models` order, roles expanded (`unlearned` → one label per method,
+    `merged` → one per λ), then any `extra` labels."""
+    order = [x for entry in cfg.eval.models for x in expanded.get(entry.partition("=")[0], [entry.partition("=")[0]])]
+    return order + [k for k in extra or {} if k not in order]
+
+
 def evaluate(cfg: ExperimentConfig, extra: dict[str, Path] | None = None) -> dict[str, ModelEval]:
     """The eval stage: evaluate `eval.models` (plus `extra` label → checkpoint), the oracle first.
 
     Roles are resolved through their stages (built or reused): target and oracle by build-models,
-    unlearned by the unlearn stage, merged (one model per λ, labelled merged_l<λ>) by the merge stage.
+    unlearned by the unlearn stage (one model per method, labelled as in `methods`, or `unlearned` for
+    `method` alone), merged (one model per λ, labelled merged_l<λ>) by the merge stage.
     Every given checkpoint is checked before anything is loaded.
     """
     get_suite(cfg.eval.suite)
     prepared = prepare(cfg)
-    raise_if(_checkpoint_problems(cfg, prepared))
+    raise_if(checkpoint_problems(cfg, prepared))
     entries = [e.partition("=") for e in cfg.eval.models]
     paths: dict[str, Path] = {label: Path(path) for label, sep, path in entries if sep}
     paths.update(extra or {})
@@ -166,19 +175,20 @@ def evaluate(cfg: ExperimentConfig, extra: dict[str, Path] | None = None) -> dic
 
         built = build_models(cfg)
         paths.update({r: Path(getattr(built, r)) for r in ("target", "oracle") if r in roles})
+    expanded: dict[str, list[str]] = {}
     if "unlearned" in roles:
         from unlearning.unlearn import unlearn
 
-        paths["unlearned"] = unlearn(cfg).model
-    merged: list[str] = []
+        runs = method_runs(cfg)
+        paths.update({label: unlearn(run).model for label, run in runs.items()})
+        expanded["unlearned"] = list(runs)
     if "merged" in roles:
         from unlearning.merge.stage import Merged, merge
 
         done = merge(cfg)
-        merged = [Merged.label(lam) for lam in done.models]
+        expanded["merged"] = [Merged.label(lam) for lam in done.models]
         paths.update({Merged.label(lam): p for lam, p in done.models.items()})
-    order = [x for label, _, _ in entries for x in (merged if label == "merged" else [label])]
-    order += [k for k in extra or {} if k not in order]
+    order = eval_order(cfg, expanded, extra)
     results: dict[str, ModelEval] = {}
     oracle = None
     if "oracle" in paths:
