@@ -198,7 +198,7 @@ def run_stages(cfg: ExperimentConfig, tracker: NullTracker) -> tuple[dict[str, s
     return {label: evals[label] for label in order}, call.states
 
 
-def _artifact_key(text: str) -> str:
+def artifact_key(text: str) -> str:
     """Prefect artifact keys: lowercase letters, digits and dashes."""
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-") or "report"
 
@@ -238,7 +238,7 @@ def write_report(out: Path, title: str, evals: dict[str, stages.ModelEval], trac
     for name in ("report.md", "report.json"):
         tracker.log_artifact(out / name)
     tracker.log_artifact(plot)
-    key = _artifact_key(title)
+    key = artifact_key(title)
     create_markdown_artifact(f"# {title}\n\n{table}\n\nBest: **{best}** ({why})\n", key=f"{key}-results",
                              description="forget quality, model utility, forget probability and ROUGE, privacy leak")
     if link:

@@ -203,6 +203,25 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     _print_report(sweep(cfg.to_dict(), grid), cfg.tracking.uri)
 
 
+def cmd_sequence(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    from flows.sequence import sequence_flow
+    from unlearning.tracking import ui_command
+
+    cfg = _load(args)
+    _quiet_prefect()
+    result = sequence_flow(cfg.to_dict())
+    console = Console()
+    console.print(Markdown(result["table"]))
+    console.print(f"ledger: {result['path']}\nplot: {result['plot']}", markup=False)
+    if result["mlflow_run"]:
+        command = ui_command(cfg.tracking.uri)
+        browse = f"{command}   then open " if command else "open "
+        console.print(f"MLflow: {browse}{result['mlflow_run']}", markup=False)
+
+
 def _quiet_prefect() -> None:
     """Prefect's own INFO lines per task run drown the stage output; warnings and errors still show."""
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -219,6 +238,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "eval": (cmd_eval, "evaluate eval.models (target, oracle, unlearned, LABEL=PATH) with eval.suite"),
     "run": (cmd_run, "the whole pipeline as a Prefect flow tracked in MLflow: data to a report comparing methods"),
     "sweep": (cmd_sweep, "the pipeline over a grid of config values (--grid KEY=V1,V2), one combined report"),
+    "sequence": (cmd_sequence, "forget requests one after another (sequence.requests), with a ledger and a plot"),
 }
 
 

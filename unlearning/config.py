@@ -283,7 +283,8 @@ class TrackingConfig(Strict):
     experiment: str | None = Field(None, description="MLflow experiment; default: the config's name")
     registered_model: str | None = Field(None, description="Model Registry name for the pipeline's target, oracle "
                                          "and best unlearned model (aliases); default: the config's name")
-    register_models: bool = Field(True, description="register those models (copies their weights to the artifact store)")
+    register_models: bool = Field(True, description="register those models (their weights are copied to the "
+                                  "artifact store)")
 
 
 Stage = Literal["prepare", "build", "unlearn", "merge", "eval"]

@@ -188,7 +188,8 @@ def job_spec(cfg: ExperimentConfig, target: str, prepared: PreparedData) -> tupl
     run_dir = cfg.out / "unlearn" / f"{cfg.method.name}-{run_key(cfg, target, prepared)}"
     # LoRA starts at B = 0, so its starting model is the target itself and shares the cache.
     ref_key = content_hash(model_identity(target), prepared.fingerprint, cfg.seed, cfg.train.bf16)
-    return run_dir, {"config": cfg.model_copy(update={"methods": []}).to_dict(), "target": target, "data": str(prepared.path),
+    config = cfg.model_copy(update={"methods": []}).to_dict()  # the ranks run this one method
+    return run_dir, {"config": config, "target": target, "data": str(prepared.path),
                      "data_fingerprint": prepared.fingerprint, "run_dir": str(run_dir),
                      "ref_cache": str(cfg.out / "reference" / f"{ref_key}.safetensors")}
 

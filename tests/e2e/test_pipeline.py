@@ -3,6 +3,9 @@ SQLite MLflow store. Covers the stage caching, the failure message and the resum
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from tests.conftest import MEMORISE, pico_raw
@@ -101,8 +104,6 @@ def test_a_failed_stage_fails_the_run_clearly_and_the_rerun_resumes(tmp_path, ha
     assert report["stages"]["prepare"] == "Cached" and report["stages"]["build-models"] == "Cached"
     assert report["stages"]["unlearn-ga"] == "Completed"
     ga = next(p for p in (tmp_path / "run" / "unlearn").iterdir() if p.name.startswith("ga-"))
-    import json
-
     assert json.loads((ga / "run_summary.json").read_text())["resumed_from_step"] == 2
 
 
@@ -123,3 +124,38 @@ def test_sweep_runs_every_point_under_one_parent_with_one_report(tmp_path, harne
     parent = runs["pico-sweep"].info.run_id
     assert runs["train.lr=0.001"].data.tags["mlflow.parentRunId"] == parent
     assert {"report.md", "tradeoff.png"} <= {a.path for a in client.list_artifacts(parent)}
+
+
+def test_sequence_applies_requests_in_order_with_a_ledger(tmp_path, harness):
+    from mlflow.tracking import MlflowClient
+
+    from flows.sequence import sequence_flow
+
+    raw, uri = _raw(tmp_path)
+    raw["methods"] = [{"name": "npo", "train": {"lr": 3e-3, "max_steps": 4}}]
+    raw["sequence"] = {"requests": 2}
+    result = sequence_flow(raw)
+    ledger = result["ledger"]
+    first, second = ledger["applied"]
+    assert [r["entities"] for r in ledger["requests"]] == [first["entities"], second["entities"]]
+    assert first["started_from"] == ledger["target"] and second["started_from"] == first["model"]
+    before = ledger["before"]["per_request"]
+    # Each request's own items lose probability once it is applied, and stay below where they started.
+    assert first["per_request"]["1"]["forget_probability"] < before["1"]["forget_probability"] - 0.1
+    assert second["per_request"]["2"]["forget_probability"] < before["2"]["forget_probability"] - 0.1
+    assert second["per_request"]["1"]["forget_probability"] < before["1"]["forget_probability"] - 0.1
+    assert first["per_request"]["1"]["applied"] and not first["per_request"]["2"]["applied"]
+    assert all(0 <= e["forget_quality"] <= 1 and 0 < e["model_utility"] <= 1 for e in ledger["applied"])
+    assert json.loads(Path(result["path"]).read_text()) == ledger and Path(result["plot"]).stat().st_size > 10_000
+    assert "| 2 |" in result["table"]
+
+    client = MlflowClient(uri)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("pico").experiment_id])}
+    parent = runs["pico-sequence"].info.run_id
+    assert runs["request-2"].data.tags["mlflow.parentRunId"] == parent
+    assert [m.step for m in client.get_metric_history(parent, "forget_quality_so_far")] == [1, 2]
+    assert {"ledger.json", "sequence.png"} <= {a.path for a in client.list_artifacts(parent)}
+
+    again = sequence_flow(raw)["ledger"]
+    assert all(e["cached"] for e in again["applied"])
+    assert [e["forget_quality"] for e in again["applied"]] == [e["forget_quality"] for e in ledger["applied"]]

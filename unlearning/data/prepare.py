@@ -113,15 +113,37 @@ def prepare(cfg: ExperimentConfig) -> PreparedData:
     return PreparedData(out, fingerprint)
 
 
-def _write(out: Path, encoded: dict[str, list], tokenizer: Any, info: dict[str, Any]) -> None:
-    """Write to a temporary sibling and rename it into place, so a crash never leaves a half dataset."""
+def derive(prepared: PreparedData, name: str, keep: dict[str, list[int]]) -> PreparedData:
+    """A prepared dataset with only rows `keep[split]` of the named splits (the others whole), saved beside
+    its parent under its own fingerprint; e.g. one forget request of a sequence."""
+    import datasets
+
+    fingerprint = content_hash(FORMAT_VERSION, prepared.fingerprint, name, keep)
+    out = prepared.path.parent / fingerprint
+    if (out / "fingerprint.json").is_file():
+        return PreparedData(out, fingerprint)
+    parent = prepared.splits()
+    splits = datasets.DatasetDict({s: parent[s].select(keep[s]) if s in keep else parent[s] for s in parent})
+    info = {**prepared.info(), "fingerprint": fingerprint, "parent": prepared.fingerprint, "subset": {name: keep},
+            "counts": {s: len(d) for s, d in splits.items()},
+            "entities": {s: len(set(d["entity"]) - {None}) if "entity" in d.column_names else 0
+                         for s, d in splits.items()}}
+    _write(out, splits, prepared.tokenizer(), info)
+    return PreparedData(out, fingerprint)
+
+
+def _write(out: Path, encoded: dict[str, list] | Any, tokenizer: Any, info: dict[str, Any]) -> None:
+    """Write to a temporary sibling and rename it into place, so a crash never leaves a half dataset.
+
+    `encoded`: split → rows, or a ready `datasets.DatasetDict`."""
     import datasets
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    datasets.DatasetDict({s: datasets.Dataset.from_list(rows) for s, rows in encoded.items()}).save_to_disk(
-        str(tmp / "splits"))
+    splits = encoded if isinstance(encoded, datasets.DatasetDict) else datasets.DatasetDict(
+        {s: datasets.Dataset.from_list(rows) for s, rows in encoded.items()})
+    splits.save_to_disk(str(tmp / "splits"))
     tokenizer.save_pretrained(str(tmp / "tokenizer"))
     (tmp / "fingerprint.json").write_text(json.dumps(info, indent=2))
     if out.exists():  # a concurrent writer finished first with identical content

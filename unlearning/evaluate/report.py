@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 Metrics = Mapping[str, float | None]
 
@@ -85,3 +86,61 @@ def tradeoff_plot(models: Mapping[str, Metrics], path: Path, title: str = "") ->
     plt.close(fig)
     return path
 
+
+
+def sequence_plot(ledger: Mapping[str, Any], path: Path, title: str = "") -> Path:
+    """Sequential unlearning against the number of requests applied (0: the target): left, each request's
+    forget probability (dotted before it is applied); right, model utility and forget quality (log) on
+    everything forgotten so far."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [ledger["before"], *ledger["applied"]]
+    xs = list(range(len(points)))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, request in enumerate(ledger["requests"]):
+        key = str(request["request"])
+        ys = [p["per_request"][key]["forget_probability"] for p in points]
+        color = f"C{i % 10}"
+        applied_from = request["request"]
+        left.plot(xs[: applied_from + 1], ys[: applied_from + 1], linestyle=":", color=color)
+        left.plot(xs[applied_from:], ys[applied_from:], marker="o", color=color, label=f"request {key}")
+    left.set_xlabel("requests applied")
+    left.set_ylabel("forget probability of the request's items")
+    left.set_xticks(xs)
+    left.legend(fontsize=7)
+    left.grid(True, alpha=0.3)
+    right.plot(xs, [p["model_utility"] for p in points], marker="o", color="tab:blue", label="model utility")
+    right.set_xlabel("requests applied")
+    right.set_ylabel("model utility", color="tab:blue")
+    right.set_xticks(xs)
+    fq_axis = right.twinx()
+    fq_axis.plot(xs, [max(p["forget_quality"] or 1e-300, 1e-300) for p in points], marker="s", color="tab:red",
+                 label="forget quality (so far)")
+    fq_axis.set_yscale("log")
+    fq_axis.axhline(0.05, color="grey", linestyle="--", linewidth=0.8)
+    fq_axis.set_ylabel("forget quality on all requests so far (log)", color="tab:red")
+    fig.suptitle(title or "Sequential unlearning")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def ledger_table(ledger: Mapping[str, Any]) -> str:
+    """The sequence ledger as a markdown table: one row per number of requests applied (0: the target)."""
+    requests = [str(r["request"]) for r in ledger["requests"]]
+    lines = ["| requests applied | entities | forget quality (so far) | model utility | forget probability (so far) | "
+             + " | ".join(f"p(request {r})" for r in requests) + " |",
+             "|---:|---|---:|---:|---:|" + "---:|" * len(requests)]
+    for n, point in enumerate([ledger["before"], *ledger["applied"]]):
+        entities = ", ".join(point.get("entities", [])) or "(target)"
+        probs = [format_value(point["per_request"][r]["forget_probability"])
+                 + ("" if point["per_request"][r]["applied"] else "*") for r in requests]
+        lines.append(f"| {n} | {entities} | {format_value(point['forget_quality'])} | "
+                     f"{format_value(point['model_utility'])} | {format_value(point['forget_probability'])} | "
+                     + " | ".join(probs) + " |")
+    return "\n".join(lines) + "\n\n\\* not yet requested at that point (collateral change)"
