@@ -28,11 +28,7 @@ $(STAMP): requirements.lock pyproject.toml
 	@touch $@
 
 demo: env
-	$(BIN)/unlearn prepare configs/demo.yaml
-	$(BIN)/unlearn build-models configs/demo.yaml
-	$(BIN)/unlearn unlearn configs/demo.yaml
-	$(BIN)/unlearn merge configs/demo.yaml
-	$(BIN)/unlearn eval configs/demo.yaml
+	$(BIN)/unlearn run configs/demo.yaml
 
 test: env
 	$(BIN)/ruff check unlearning flows tests bench
@@ -46,6 +42,7 @@ bench: env
 	$(BIN)/python bench/bench_unlearn.py
 	$(BIN)/python bench/bench_eval.py
 	$(BIN)/python bench/bench_merge.py
+	$(BIN)/python bench/bench_pipeline.py
 
 
 clean:

@@ -454,15 +454,22 @@ def _resolve_methods(raw: dict[str, Any]) -> tuple[list[dict[str, Any]], list[st
         if not isinstance(train, dict):
             problems.append(f"{where}.train: must be a section of train overrides, e.g. {{lr: 1.0e-4}}")
             continue
-        try:
-            ExperimentConfig.model_validate({"name": "check", "train": deep_merge(raw.get("train") or {}, train)})
-        except pydantic.ValidationError as e:
-            problems += [f"{where}.{p}" for p in _format_errors(e)]
+        # Problems of the merged section that the overrides brought in (the base section's are reported once).
+        problems += [f"{where}.{p}" for p in _train_problems(deep_merge(raw.get("train") or {}, train))
+                     if p not in _train_problems(raw.get("train") or {})]
         resolved.append({"label": label, **method, "train": train})
     repeated = sorted({x for x in labels if labels.count(x) > 1})
     if repeated:
         problems.append(f"methods: labels {repeated} repeat; give each entry its own `label`")
     return resolved, problems
+
+
+def _train_problems(train: Any) -> list[str]:
+    try:
+        ExperimentConfig.model_validate({"name": "check", "train": train})
+    except pydantic.ValidationError as e:
+        return _format_errors(e)
+    return []
 
 
 def method_runs(cfg: ExperimentConfig) -> dict[str, ExperimentConfig]:
@@ -515,6 +522,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         raise UserError(f"{path}: not valid YAML: {e}") from e
     if isinstance(raw, dict):
         raw.setdefault("name", path.stem)
+        method_keys = [o for o in overrides or [] if o.split("=", 1)[0].split(".")[0] == "method"]
+        if raw.get("methods") and method_keys:
+            raise UserError(f"{method_keys[0]} overrides `method`, but {path} lists `methods`, which replace it; "
+                            "override the list instead, e.g. 'methods=[{name: npo, alpha: 5.0}]'")
     return validate_config(apply_overrides(raw, overrides or []))
 
 
@@ -525,4 +536,8 @@ def content_hash(*parts: Any, length: int = 16) -> str:
 
 
 def dump_yaml(cfg: ExperimentConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    """The resolved config as YAML (without the unused `method` section when `methods` replaces it)."""
+    resolved = cfg.to_dict()
+    if cfg.methods:
+        del resolved["method"]
+    return yaml.safe_dump(resolved, sort_keys=False)

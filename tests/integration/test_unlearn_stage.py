@@ -79,3 +79,17 @@ def test_optimizer_offload_trains_and_matches_the_plain_run(tmp_path):
     offload = unlearn(config(tmp_path, max_steps=3, offload="optimizer"))
     a, b = ([h["loss"] for h in r.summary["losses"]] for r in (plain, offload))
     assert a[0] == pytest.approx(b[0], rel=1e-6) and a == pytest.approx(b, rel=1e-3)
+
+
+def test_a_job_past_its_time_limit_is_stopped_with_every_rank(tmp_path):
+    """train.timeout_s stops the launcher's whole process group: no rank outlives the error."""
+    import subprocess
+
+    cfg = config(tmp_path, max_steps=6, timeout_s=2)  # the ranks alone take longer than 2 s to start
+    with pytest.raises(TrainingFailed, match=r"ran past train.timeout_s=2 s and was stopped"):
+        unlearn(cfg)
+    spec = next((tmp_path / "unlearn").iterdir()) / "spec.json"
+    left = subprocess.run(["pgrep", "-f", str(spec)], capture_output=True, text=True).stdout.split()
+    assert left == []
+    # The limit is not part of the run's identity: raising it finishes the same run directory.
+    assert unlearn(config(tmp_path, max_steps=6, timeout_s=600)).run_dir == spec.parent

@@ -17,10 +17,10 @@ def test_demo_config_validates_and_defaults_output_dir():
 
 
 def test_overrides_are_parsed_as_yaml_values():
-    cfg = load_config(DEMO, ["train.lr=1e-5", "method.name=simnpo", "merge.lambdas=[1, 5]",
+    cfg = load_config(DEMO, ["train.lr=1e-5", "methods=[{name: simnpo}]", "merge.lambdas=[1, 5]",
                              "model.target=null", "data.template.chat=false", "seed=7"])
     assert cfg.train.lr == 1e-5 and isinstance(cfg.train.lr, float)
-    assert cfg.method.name == "simnpo"
+    assert [m["name"] for m in cfg.methods] == ["simnpo"]
     assert cfg.merge.lambdas == [1.0, 5.0]
     assert cfg.model.target is None and cfg.seed == 7
 
@@ -38,13 +38,13 @@ def test_malformed_override_is_rejected(bad):
 
 def test_every_problem_is_reported_at_once_with_valid_keys():
     with pytest.raises(UserError) as info:
-        load_config(DEMO, ["trian.lr=1", "data.forget_fraction=1.5", "method.bta=1",
+        load_config(DEMO, ["trian.lr=1", "data.forget_fraction=1.5", "methods=[{name: npo, bta: 1}]",
                            "data.synthetic.num_entites=3", "train.zero_stage=5"])
     text = "\n".join(info.value.problems)
     assert len(info.value.problems) == 5
     assert "trian: unknown key; valid keys here: name, seed, output_dir, data, model" in text
     assert "data.forget_fraction: Input should be less than 1" in text
-    assert "method.bta: not a parameter of method 'npo'; valid: beta" in text
+    assert "methods[0].bta: not a parameter of method 'npo'; valid: beta" in text
     assert "num_entites: unknown key; valid keys here: num_entities" in text
     assert "train.zero_stage" in text
 
@@ -103,3 +103,40 @@ def test_name_defaults_to_file_stem(tmp_path):
 def test_content_hash_is_stable_and_order_insensitive():
     assert content_hash({"a": 1, "b": [1, 2]}) == content_hash({"b": [1, 2], "a": 1})
     assert content_hash({"a": 1}) != content_hash({"a": 2})
+
+
+def test_methods_each_become_one_run_with_their_train_overrides():
+    from unlearning.config import method_runs
+
+    cfg = validate_config({"name": "x", "train": {"lr": 1e-4, "max_steps": 10, "stop": {"utility_every": 3}},
+                           "methods": ["ga", {"name": "npo", "label": "npo_fast", "beta": 0.5,
+                                              "train": {"lr": 1e-3, "stop": {"utility_floor": 0.5}}}]})
+    runs = method_runs(cfg)
+    assert list(runs) == ["ga", "npo_fast"]
+    assert runs["ga"].train.lr == 1e-4 and runs["ga"].method.alpha == 0.0  # GA's registered default
+    npo = runs["npo_fast"]
+    assert npo.method.name == "npo" and npo.method.params["beta"] == 0.5 and npo.method.alpha == 1.0
+    assert npo.train.lr == 1e-3 and npo.train.max_steps == 10  # overrides merge section by section
+    assert npo.train.stop.utility_floor == 0.5 and npo.train.stop.utility_every == 3
+    assert npo.methods == [] and validate_config(cfg.to_dict()) == cfg  # the resolved config round-trips
+    assert method_runs(validate_config({"name": "x"})) == {"unlearned": validate_config({"name": "x"})}
+
+
+def test_every_problem_in_methods_is_reported_with_its_entry():
+    with pytest.raises(UserError) as e:
+        validate_config({"name": "x", "methods": [
+            {"name": "npo", "betta": 1}, {"name": "ga", "train": {"lrr": 1}}, {"name": "ga", "label": "target"},
+            {"name": "nope"}, {"name": "npo"}, {"name": "npo", "train": {"batch_size": 0}}]})
+    text = "\n".join(e.value.problems)
+    assert "methods[0].betta: not a parameter of method 'npo'" in text
+    assert "methods[1].train.lrr: unknown key; valid keys here: lr," in text
+    assert "methods[2].label: 'target' must be a plain name other than target, oracle, unlearned" in text
+    assert "methods[3].name: unknown method 'nope'" in text
+    assert "methods[5].train.batch_size" in text
+    assert "labels ['npo'] repeat; give each entry its own `label`" in text
+
+
+def test_a_method_override_on_a_config_with_methods_says_how_to_override_the_list():
+    with pytest.raises(UserError, match=r"method.name=npo overrides `method`, but .*demo.yaml lists `methods`.*"
+                                        r"'methods=\[\{name: npo"):
+        load_config(DEMO, ["method.name=npo"])

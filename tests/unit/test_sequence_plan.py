@@ -39,5 +39,5 @@ def test_bad_requests_are_refused_with_the_fix(tmp_path):
     text = "\n".join(e.value.problems)
     assert "['Zed'] are not entities of the forget set; it has: Ana, Bo, Cy" in text
     assert "['Ana'] are requested more than once" in text
-    with pytest.raises(UserError, match="sequence.requests: must be at least 1"):
+    with pytest.raises(UserError, match=r"sequence\.requests: must be at least 1"):
         _cfg(tmp_path, 0)
