@@ -29,7 +29,15 @@ from prefect.cache_policies import NO_CACHE
 
 import unlearning
 from unlearning import stages
-from unlearning.config import ExperimentConfig, Stage, apply_overrides, content_hash, method_runs, validate_config
+from unlearning.config import (
+    ExperimentConfig,
+    Stage,
+    apply_overrides,
+    check_method_overrides,
+    content_hash,
+    method_runs,
+    validate_config,
+)
 from unlearning.errors import UserError, raise_if
 from unlearning.evaluate.report import best_model, results_table, tradeoff_plot
 from unlearning.merge.stage import finetune_config
@@ -266,10 +274,21 @@ def register(cfg: ExperimentConfig, evals: dict[str, stages.ModelEval], best: st
     return versions
 
 
+def resolve(config: dict[str, Any] | str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """A flow's `config` parameter, a mapping or a YAML path (deployments pass paths), with `overrides`
+    applied: the raw mapping, not yet validated."""
+    from unlearning.config import load_config
+
+    if isinstance(config, str):
+        return load_config(config, overrides).to_dict()
+    return apply_overrides(config, overrides or [])
+
+
 @flow(name="unlearning-pipeline")
-def pipeline(config: dict[str, Any]) -> dict[str, Any]:
-    """Run every stage of `config` (a raw experiment mapping) and return the report."""
-    cfg = validate_config(config)
+def pipeline(config: dict[str, Any] | str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Run every stage of `config` (an experiment mapping or YAML path, plus KEY=VALUE `overrides`) and
+    return the report."""
+    cfg = validate_config(resolve(config, overrides))
     tracker = tracker_for(cfg.tracking.uri, cfg.tracking.experiment or cfg.name)
     with tracker.run(cfg.name, tags=run_tags()):
         tracker.log_params(flatten(cfg.to_dict()))
@@ -280,13 +299,6 @@ def pipeline(config: dict[str, Any]) -> dict[str, Any]:
         report = write_report(cfg.out / "report", cfg.name, evals, tracker, states)
         report["registered"] = register(cfg, evals, report["best"], tracker)
     return report
-
-
-def run(config_path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Load and validate a config file (every problem before anything starts), then run the flow."""
-    from unlearning.config import load_config
-
-    return pipeline(load_config(config_path, overrides).to_dict())
 
 
 # --- the sweep -----------------------------------------------------------------------------------------------
@@ -313,6 +325,7 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
 
 def grid_points(config: dict[str, Any], grid: dict[str, list[Any]]) -> dict[str, ExperimentConfig]:
     """Point label → validated config, for every combination of the grid; every point's problems at once."""
+    check_method_overrides(config, [f"{k}=" for k in grid], "the config")
     points, problems = {}, []
     for combo in itertools.product(*grid.values()):
         overrides = [f"{k}={json.dumps(v)}" for k, v in zip(grid, combo, strict=True)]
@@ -326,7 +339,8 @@ def grid_points(config: dict[str, Any], grid: dict[str, list[Any]]) -> dict[str,
 
 
 @flow(name="unlearning-sweep")
-def sweep(config: dict[str, Any], grid: dict[str, list[Any]]) -> dict[str, Any]:
+def sweep(config: dict[str, Any] | str, grid: dict[str, list[Any]], overrides: list[str] | None = None
+          ) -> dict[str, Any]:
     """The pipeline at every point of `grid` (key → values) under one MLflow parent run, one combined report.
 
     The points share the output directory, so stages they have in common (data, target, oracle, and any
@@ -335,6 +349,7 @@ def sweep(config: dict[str, Any], grid: dict[str, list[Any]]) -> dict[str, Any]:
     """
     if not grid:
         raise UserError("the sweep has no grid; pass --grid KEY=V1,V2 (e.g. train.lr=1e-4,5e-4)")
+    config = resolve(config, overrides)
     points = grid_points(config, grid)
     base = validate_config(config)
     tracker = tracker_for(base.tracking.uri, base.tracking.experiment or base.name)

@@ -14,7 +14,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.pipeline import artifact_key, run_tags
+from flows.pipeline import artifact_key, resolve, run_tags
 from unlearning.config import validate_config
 from unlearning.evaluate.report import ledger_table
 from unlearning.sequence import sequence
@@ -24,9 +24,10 @@ sequence_task = task(name="sequence", cache_policy=NO_CACHE)(sequence)
 
 
 @flow(name="unlearning-sequence")
-def sequence_flow(config: dict[str, Any]) -> dict[str, Any]:
-    """Apply `config`'s forget requests in order; return the ledger, its path, the plot and the table."""
-    cfg = validate_config(config)
+def sequence_flow(config: dict[str, Any] | str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Apply `config`'s forget requests in order (a mapping or YAML path, plus KEY=VALUE `overrides`);
+    return the ledger, its path, the plot and the table."""
+    cfg = validate_config(resolve(config, overrides))
     tracker = tracker_for(cfg.tracking.uri, cfg.tracking.experiment or cfg.name)
 
     def on_request(entry: dict[str, Any]) -> None:

@@ -178,32 +178,33 @@ def _print_report(report: dict[str, Any], uri: str) -> None:
     command = ui_command(uri)
     if report.get("mlflow_run"):
         browse = f"{command}   then open {report['mlflow_run']}" if command else f"open {report['mlflow_run']}"
-        console.print(f"MLflow: {browse}", markup=False)
+        console.print(f"MLflow: {browse}", markup=False, soft_wrap=True)
     elif uri:
         console.print(f"MLflow: {ui_url(uri)}", markup=False)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    _quiet_prefect()  # before Prefect is imported: it reads its settings then
     from flows.pipeline import pipeline
 
     cfg = _load(args)
-    _quiet_prefect()
     _print_report(pipeline(cfg.to_dict()), cfg.tracking.uri)
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
+    _quiet_prefect()  # before Prefect is imported: it reads its settings then
     from flows.pipeline import grid_points, parse_grid, sweep
 
     cfg = _load(args)
     grid = parse_grid([item for group in args.grid or [] for item in group])
     if not grid:
-        raise UserError("unlearn sweep needs --grid KEY=V1,V2 ... (e.g. --grid train.lr=1e-4,5e-4 method.name=ga,npo)")
+        raise UserError("unlearn sweep needs --grid KEY=V1,V2 ... (e.g. --grid train.lr=1e-4,5e-4 seed=0,1)")
     grid_points(cfg.to_dict(), grid)  # every point validated before the flow starts
-    _quiet_prefect()
     _print_report(sweep(cfg.to_dict(), grid), cfg.tracking.uri)
 
 
 def cmd_sequence(args: argparse.Namespace) -> None:
+    _quiet_prefect()  # before Prefect is imported: it reads its settings then
     from rich.console import Console
     from rich.markdown import Markdown
 
@@ -211,7 +212,6 @@ def cmd_sequence(args: argparse.Namespace) -> None:
     from unlearning.tracking import ui_command
 
     cfg = _load(args)
-    _quiet_prefect()
     result = sequence_flow(cfg.to_dict())
     console = Console()
     console.print(Markdown(result["table"]))
@@ -219,7 +219,7 @@ def cmd_sequence(args: argparse.Namespace) -> None:
     if result["mlflow_run"]:
         command = ui_command(cfg.tracking.uri)
         browse = f"{command}   then open " if command else "open "
-        console.print(f"MLflow: {browse}{result['mlflow_run']}", markup=False)
+        console.print(f"MLflow: {browse}{result['mlflow_run']}", markup=False, soft_wrap=True)
 
 
 def _quiet_prefect() -> None:
@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.lr=1e-5 method.name=npo")
         if name == "sweep":
             p.add_argument("--grid", nargs="+", action="append", metavar="KEY=V1,V2",
-                           help="values to sweep, e.g. --grid train.lr=1e-4,5e-4 method.name=ga,npo")
+                           help="values to sweep, e.g. --grid train.lr=1e-4,5e-4 'methods=[{name: ga}],[{name: npo}]'")
         p.set_defaults(fn=fn)
     return parser
 
