@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -279,7 +280,19 @@ class EvalConfig(Strict):
 
 
 class TrackingConfig(Strict):
-    uri: str = "sqlite:///mlflow.db"
+    uri: str = Field(default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db",
+                     description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db. "
+                     "Credentials go in MLFLOW_TRACKING_USERNAME/PASSWORD (or TOKEN), never in the URI")
+
+    @pydantic.field_validator("uri")
+    @classmethod
+    def _no_credentials(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        if urlsplit(v).password is not None:
+            raise ValueError("holds a password; remove it from the URI and set MLFLOW_TRACKING_USERNAME and "
+                             "MLFLOW_TRACKING_PASSWORD in the environment (configs and run params are logged)")
+        return v
     experiment: str | None = Field(None, description="MLflow experiment; default: the config's name")
     registered_model: str | None = Field(None, description="Model Registry name for the pipeline's target, oracle "
                                          "and best unlearned model (aliases); default: the config's name")
@@ -391,7 +404,8 @@ def _format_errors(e: pydantic.ValidationError) -> list[str]:
             problems.append(f"{key}: required but missing")
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            shown = "" if isinstance(err.get("input"), dict) else f" (got {err.get('input')!r})"
+            secret = loc[-1:] == ("uri",)  # a URI with a password is never echoed back
+            shown = "" if isinstance(err.get("input"), dict) or secret else f" (got {err.get('input')!r})"
             problems.append(f"{key}: {msg}{shown}")
     return problems
 
@@ -522,11 +536,16 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         raise UserError(f"{path}: not valid YAML: {e}") from e
     if isinstance(raw, dict):
         raw.setdefault("name", path.stem)
-        method_keys = [o for o in overrides or [] if o.split("=", 1)[0].split(".")[0] == "method"]
-        if raw.get("methods") and method_keys:
-            raise UserError(f"{method_keys[0]} overrides `method`, but {path} lists `methods`, which replace it; "
-                            "override the list instead, e.g. 'methods=[{name: npo, alpha: 5.0}]'")
+        check_method_overrides(raw, overrides or [], str(path))
     return validate_config(apply_overrides(raw, overrides or []))
+
+
+def check_method_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> None:
+    """Refuse `method.*` overrides of a config whose `methods` list would silently ignore them."""
+    method_keys = [o for o in overrides if o.split("=", 1)[0].split(".")[0] == "method"]
+    if raw.get("methods") and method_keys:
+        raise UserError(f"{method_keys[0]} overrides `method`, but {source} lists `methods`, which replace it; "
+                        "override the list instead, e.g. 'methods=[{name: npo, alpha: 5.0}]'")
 
 
 def content_hash(*parts: Any, length: int = 16) -> str:

@@ -56,6 +56,13 @@ def launch_problems(cfg: ExperimentConfig) -> list[str]:
         problems.append(f"train.hostfile: {train.hostfile!r} does not exist; write one 'HOST slots=N' line per node")
     if train.num_nodes > 1 and train.launcher == "deepspeed" and not train.hostfile:
         problems.append("train.num_nodes > 1 with the deepspeed launcher needs train.hostfile listing the nodes")
+    if train.hostfile and Path(train.hostfile).is_file() and len(read_hostfile(train.hostfile)) < train.num_nodes:
+        problems.append(f"train.hostfile {train.hostfile} lists {len(read_hostfile(train.hostfile))} node(s), fewer "
+                        f"than train.num_nodes={train.num_nodes}; add one 'HOST slots=N' line per node")
+    node_rank = os.environ.get("NODE_RANK", "0")
+    if not node_rank.isdigit() or int(node_rank) >= train.num_nodes:
+        problems.append(f"NODE_RANK={node_rank} is not a node of this job (0 to {train.num_nodes - 1}); set it to this "
+                        "node's line in the hostfile, counting from 0")
     return problems
 
 
@@ -129,10 +136,13 @@ def launch(cfg: ExperimentConfig, spec: dict[str, Any], run_dir: Path) -> None:
     master_addr = os.environ.get("MASTER_ADDR") or (read_hostfile(train.hostfile)[0][0] if train.hostfile
                                                     else "127.0.0.1")
     port = int(os.environ.get("MASTER_PORT") or (29500 if train.num_nodes > 1 else free_port()))
-    argv = launch_argv(launcher=train.launcher, num_processes=train.num_processes, num_nodes=train.num_nodes,
+    node_rank = int(os.environ.get("NODE_RANK", "0"))
+    # With a hostfile, this node starts as many ranks as its line has slots (torchrun runs per node).
+    per_node = (read_hostfile(train.hostfile)[node_rank][1] if train.hostfile and train.launcher == "torchrun"
+                else train.num_processes)
+    argv = launch_argv(launcher=train.launcher, num_processes=per_node, num_nodes=train.num_nodes,
                        module="unlearning.train", args=[str(run_dir / "spec.json")], hostfile=train.hostfile,
-                       master_addr=master_addr, master_port=port, node_rank=int(os.environ.get("NODE_RANK", "0")),
-                       on_cpu=not on_gpu())
+                       master_addr=master_addr, master_port=port, node_rank=node_rank, on_cpu=not on_gpu())
     log = run_dir / "train.log"
     print(f"training {cfg.method.name} on {world_size(cfg)} rank(s); log: {log}", file=sys.stderr, flush=True)
     with log.open("a") as out:

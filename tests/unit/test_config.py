@@ -140,3 +140,13 @@ def test_a_method_override_on_a_config_with_methods_says_how_to_override_the_lis
     with pytest.raises(UserError, match=r"method.name=npo overrides `method`, but .*demo.yaml lists `methods`.*"
                                         r"'methods=\[\{name: npo"):
         load_config(DEMO, ["method.name=npo"])
+
+
+def test_a_tracking_uri_with_a_password_is_refused_without_echoing_it(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert validate_config({"name": "x"}).tracking.uri == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert validate_config({"name": "x"}).tracking.uri == "http://mlflow:5000"
+    with pytest.raises(UserError) as e:
+        validate_config({"name": "x", "tracking": {"uri": "postgresql://me:hunter2@db/mlflow"}})
+    assert "MLFLOW_TRACKING_PASSWORD" in str(e.value) and "hunter2" not in str(e.value)
