@@ -14,6 +14,7 @@ data fingerprint, and one nested run per stage, per method and per evaluated mod
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -319,8 +320,16 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
             raise UserError(f"--grid {item!r}: the values are not a YAML list: {e}") from e
         if key in grid:
             raise UserError(f"--grid names {key} twice; give all its values in one KEY=V1,V2")
-        grid[key] = values
+        grid[key] = [_number(v) for v in values]
     return grid
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads `1e-4` (no dot) as text; a grid value that is a plain number is a number."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    return value
 
 
 def grid_points(config: dict[str, Any], grid: dict[str, list[Any]]) -> dict[str, ExperimentConfig]:

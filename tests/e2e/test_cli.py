@@ -16,13 +16,25 @@ def unlearn(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_validate_prints_the_resolved_config(tmp_path):
-    res = unlearn("validate", str(REPO / "configs/demo.yaml"), "train.lr=3e-5", "method.name=simnpo",
-                  "method.beta=0.5", cwd=tmp_path)
+    res = unlearn("validate", str(REPO / "configs/demo.yaml"), "train.lr=3e-5",
+                  "methods=[{name: simnpo, beta: 0.5, train: {max_steps: 7}}]", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     resolved = yaml.safe_load(res.stdout)
     assert resolved["train"]["lr"] == 3e-5
-    assert resolved["method"] == {"name": "simnpo", "gamma": 0.125, "alpha": 5.0, "retain_loss": "nll",
-                                  "beta": 0.5, "delta": 0.0}  # alpha from demo.yaml, beta overridden, delta default
+    assert "method" not in resolved  # replaced by `methods`
+    assert resolved["methods"] == [{"label": "simnpo", "name": "simnpo", "gamma": 0.125, "alpha": 1.0,
+                                     "retain_loss": "nll", "beta": 0.5, "delta": 0.0, "train": {"max_steps": 7}}]
+
+
+def test_sweep_checks_its_grid_before_starting_anything(tmp_path):
+    res = unlearn("sweep", str(REPO / "configs/demo.yaml"), "--grid", "train.lr=1e-4,-1", "train.zero_stage=2,7",
+                  cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "grid point train.lr=-1,train.zero_stage=7: train.lr" in res.stderr
+    assert "grid point train.lr=0.0001,train.zero_stage=7: train.zero_stage" in res.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+    res = unlearn("sweep", str(REPO / "configs/demo.yaml"), "--grid", "method.name=ga,npo", cwd=tmp_path)
+    assert res.returncode == 2 and "override the list instead" in res.stderr
 
 
 def test_validate_lists_every_error_and_exits_nonzero(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import secrets
 import shutil
@@ -139,10 +140,16 @@ def test_a_deployed_pipeline_runs_on_a_worker_and_reports_to_both_servers(stack,
             os.killpg(worker.pid, 15)
         worker.wait(timeout=60)
     assert "Completed" in out, out + (tmp_path / "worker.log").read_text()[-3000:]
+    request = urllib.request.Request(f"{stack['prefect']}/flow_runs/filter", data=json.dumps({}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=30) as r:
+        flow_runs = json.loads(r.read())
+    assert [(run["state_type"], bool(run["deployment_id"])) for run in flow_runs] == [("COMPLETED", True)]
 
     client = MlflowClient(stack["mlflow"])
     runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("pico").experiment_id])}
-    assert runs["pico"].info.status == "FINISHED" and runs["pico"].data.tags["prefect_flow_run_id"]
+    assert runs["pico"].info.status == "FINISHED"
+    assert runs["pico"].data.tags["prefect_flow_run_id"] == flow_runs[0]["id"]
     for label in ("target", "npo", "merged_l2"):
         assert {"forget_quality", "model_utility"} <= set(runs[f"eval-{label}"].data.metrics)
     assert client.get_model_version_by_alias("pico", "oracle").tags["label"] == "oracle"
