@@ -283,6 +283,11 @@ class TrackingConfig(Strict):
     uri: str = Field(default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db",
                      description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db. "
                      "Credentials go in MLFLOW_TRACKING_USERNAME/PASSWORD (or TOKEN), never in the URI")
+    experiment: str | None = Field(None, description="MLflow experiment; default: the config's name")
+    registered_model: str | None = Field(None, description="Model Registry name for the pipeline's target, oracle "
+                                         "and best unlearned model (aliases); default: the config's name")
+    register_models: bool = Field(True, description="register those models (their weights are copied to the "
+                                  "artifact store)")
 
     @pydantic.field_validator("uri")
     @classmethod
@@ -293,11 +298,6 @@ class TrackingConfig(Strict):
             raise ValueError("holds a password; remove it from the URI and set MLFLOW_TRACKING_USERNAME and "
                              "MLFLOW_TRACKING_PASSWORD in the environment (configs and run params are logged)")
         return v
-    experiment: str | None = Field(None, description="MLflow experiment; default: the config's name")
-    registered_model: str | None = Field(None, description="Model Registry name for the pipeline's target, oracle "
-                                         "and best unlearned model (aliases); default: the config's name")
-    register_models: bool = Field(True, description="register those models (their weights are copied to the "
-                                  "artifact store)")
 
 
 Stage = Literal["prepare", "build", "unlearn", "merge", "eval"]

@@ -72,10 +72,10 @@ class MlflowTracker(NullTracker):
     """Tracks to an MLflow server or store (`tracking.uri`; SQLite locally), experiment `experiment`."""
 
     def __init__(self, uri: str, experiment: str):
-        import mlflow
         from mlflow.tracking import MlflowClient
 
-        mlflow.set_tracking_uri(uri)
+        # A client bound to `uri`, not mlflow.set_tracking_uri: that sets MLFLOW_TRACKING_URI for the whole
+        # process, which would become the next config's default tracking URI.
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)

@@ -80,7 +80,7 @@ def test_unlearn_on_two_ranks_with_lora_then_reuse_then_eval(tmp_path):
                "lora": {"enabled": True, "r": 4}})))
     res = unlearn("unlearn", str(config), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "idkdpo: 3 steps on 2 rank(s), ZeRO-2, LoRA, stopped by max_steps" in res.stdout
+    assert "unlearned (idkdpo): 3 steps on 2 rank(s), ZeRO-2, LoRA, stopped by max_steps" in res.stdout
     run = next((tmp_path / "run/unlearn").iterdir())
     summary = json.loads((run / "run_summary.json").read_text())
     probs = summary["probability"]
@@ -90,7 +90,7 @@ def test_unlearn_on_two_ranks_with_lora_then_reuse_then_eval(tmp_path):
     again = unlearn("unlearn", str(config), cwd=tmp_path)
     assert again.returncode == 0 and "(cached)" in again.stdout
     # Then evaluate target, oracle and that unlearned model (reused, not retrained).
-    res = unlearn("eval", str(config), "eval.suite=quick", cwd=tmp_path)
+    res = unlearn("eval", str(config), "eval.suite=quick", "eval.models=[target,oracle,unlearned]", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert all(label in res.stdout for label in ("target", "oracle", "unlearned")) and "forget_quality" in res.stdout
     evals = {p.name.split("-")[0]: json.loads((p / "eval.json").read_text()) for p in (tmp_path / "run/eval").iterdir()}

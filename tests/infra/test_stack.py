@@ -49,6 +49,18 @@ def _wait(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 1
     raise RuntimeError(f"{url} did not answer in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the process group, SIGKILL if it is still there after 30 s."""
+    for sig in (15, 9):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=30)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 @contextlib.contextmanager
 def _server(argv: list[str], env: dict[str, str], log: Path, health: str) -> Iterator[None]:
     with log.open("w") as out:
@@ -57,12 +69,7 @@ def _server(argv: list[str], env: dict[str, str], log: Path, health: str) -> Ite
         _wait(health, proc, log)
         yield
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+        _stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -133,13 +140,13 @@ def test_a_deployed_pipeline_runs_on_a_worker_and_reports_to_both_servers(stack,
         worker = subprocess.Popen([prefect, "worker", "start", "--pool", "local-process", "--type", "process"],
                                   cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        out = cli("deployment", "run", "unlearning-pipeline/pipeline-process", "--param", f"config={config}",
-                  "--watch", "--watch-timeout", "900", timeout=960)
+        done = subprocess.run([prefect, "deployment", "run", "unlearning-pipeline/pipeline-process", "--param",
+                               f"config={config}", "--watch", "--watch-timeout", "900"], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=960)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(worker.pid, 15)
-        worker.wait(timeout=60)
-    assert "Completed" in out, out + (tmp_path / "worker.log").read_text()[-3000:]
+        _stop(worker)
+    worker_log = (tmp_path / "worker.log").read_text()[-4000:]
+    assert done.returncode == 0 and "Completed" in done.stdout, f"{done.stdout}\n{done.stderr}\n{worker_log}"
     request = urllib.request.Request(f"{stack['prefect']}/flow_runs/filter", data=json.dumps({}).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
     with urllib.request.urlopen(request, timeout=30) as r:

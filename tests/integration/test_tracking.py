@@ -20,7 +20,9 @@ def test_runs_params_metrics_artifacts_and_registry_land_in_the_store(tmp_path):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     tracker = MlflowTracker(uri, "unit")
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before  # the next config's default is not changed
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
     (tmp_path / "report.md").write_text("| model |")

@@ -9,7 +9,8 @@ from unlearning.errors import UserError
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
-def test_demo_config_validates_and_defaults_output_dir():
+def test_demo_config_validates_and_defaults_output_dir(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = load_config(DEMO)
     assert cfg.name == "demo"
     assert cfg.out == Path("runs/demo")
