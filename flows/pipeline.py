@@ -332,9 +332,31 @@ def _number(value: Any) -> Any:
     return value
 
 
+def _set_by_every_method(config: dict[str, Any], key: str) -> bool:
+    """Whether `key` (train.…) is overridden by every `methods` entry, so the train section's value is unused."""
+    entries = config.get("methods") or []
+    if not key.startswith("train.") or not entries:
+        return False
+
+    def sets(entry: Any) -> bool:
+        node = entry.get("train") if isinstance(entry, dict) else None
+        for part in key.split(".")[1:]:
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    return all(sets(e) for e in entries)
+
+
 def grid_points(config: dict[str, Any], grid: dict[str, list[Any]]) -> dict[str, ExperimentConfig]:
     """Point label → validated config, for every combination of the grid; every point's problems at once."""
     check_method_overrides(config, [f"{k}=" for k in grid], "the config")
+    shadowed = [k for k in grid if _set_by_every_method(config, k)]
+    if shadowed:
+        raise UserError(f"--grid {shadowed[0]}: every `methods` entry sets its own value, so sweeping the train "
+                        "section's changes nothing; sweep whole lists instead, e.g. "
+                        "'methods=[{name: npo, train: {lr: 1.0e-4}}],[{name: npo, train: {lr: 5.0e-4}}]'")
     points, problems = {}, []
     for combo in itertools.product(*grid.values()):
         overrides = [f"{k}={json.dumps(v)}" for k, v in zip(grid, combo, strict=True)]

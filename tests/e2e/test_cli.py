@@ -35,6 +35,8 @@ def test_sweep_checks_its_grid_before_starting_anything(tmp_path):
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
     res = unlearn("sweep", str(REPO / "configs/demo.yaml"), "--grid", "method.name=ga,npo", cwd=tmp_path)
     assert res.returncode == 2 and "override the list instead" in res.stderr
+    res = unlearn("sweep", str(REPO / "configs/demo.yaml"), "--grid", "train.lr=1e-4,5e-4", cwd=tmp_path)
+    assert res.returncode == 2 and "every `methods` entry sets its own value" in res.stderr  # it would change nothing
 
 
 def test_validate_lists_every_error_and_exits_nonzero(tmp_path):
