@@ -27,11 +27,11 @@ def test_validate_prints_the_resolved_config(tmp_path):
 
 
 def test_sweep_checks_its_grid_before_starting_anything(tmp_path):
-    res = unlearn("sweep", str(REPO / "configs/demo.yaml"), "--grid", "train.lr=1e-4,-1", "train.zero_stage=2,7",
-                  cwd=tmp_path)
+    res = unlearn("sweep", str(REPO / "configs/demo.yaml"), "--grid", "train.warmup_ratio=1e-1,-1",
+                  "train.zero_stage=2,7", cwd=tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert "grid point train.lr=-1,train.zero_stage=7: train.lr" in res.stderr
-    assert "grid point train.lr=0.0001,train.zero_stage=7: train.zero_stage" in res.stderr
+    assert "grid point train.warmup_ratio=-1,train.zero_stage=7: train.warmup_ratio" in res.stderr
+    assert "grid point train.warmup_ratio=0.1,train.zero_stage=7: train.zero_stage" in res.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
     res = unlearn("sweep", str(REPO / "configs/demo.yaml"), "--grid", "method.name=ga,npo", cwd=tmp_path)
     assert res.returncode == 2 and "override the list instead" in res.stderr
