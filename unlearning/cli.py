@@ -214,6 +214,7 @@ def cmd_sequence(args: argparse.Namespace) -> None:
     cfg = _load(args)
     result = sequence_flow(cfg.to_dict())
     console = Console()
+    console = Console(width=max(console.width, 150))  # one column per request: never cut a number
     console.print(Markdown(result["table"]))
     console.print(f"ledger: {result['path']}\nplot: {result['plot']}", markup=False)
     if result["mlflow_run"]:

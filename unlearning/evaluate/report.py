@@ -131,13 +131,14 @@ def sequence_plot(ledger: Mapping[str, Any], path: Path, title: str = "") -> Pat
 
 
 def ledger_table(ledger: Mapping[str, Any]) -> str:
-    """The sequence ledger as a markdown table: one row per number of requests applied (0: the target)."""
+    """The sequence ledger as a markdown table: one row per number of requests applied (0: the target); the
+    entities' names are in the ledger."""
     requests = [str(r["request"]) for r in ledger["requests"]]
-    lines = ["| requests applied | entities | forget quality (so far) | model utility | forget probability (so far) | "
-             + " | ".join(f"p(request {r})" for r in requests) + " |",
+    lines = ["| requests applied | entities forgotten | forget quality (so far) | model utility | "
+             "forget probability (so far) | " + " | ".join(f"p(request {r})" for r in requests) + " |",
              "|---:|---|---:|---:|---:|" + "---:|" * len(requests)]
     for n, point in enumerate([ledger["before"], *ledger["applied"]]):
-        entities = ", ".join(point.get("entities", [])) or "(target)"
+        entities = f"{len(point['entities'])} ({point['items']} items)" if "entities" in point else "(target)"
         probs = [format_value(point["per_request"][r]["forget_probability"])
                  + ("" if point["per_request"][r]["applied"] else "*") for r in requests]
         lines.append(f"| {n} | {entities} | {format_value(point['forget_quality'])} | "
