@@ -36,6 +36,13 @@ def _load(args: argparse.Namespace) -> Any:
     return cfg
 
 
+def _wide_console(min_width: int) -> Any:
+    """A rich console at least `min_width` wide (wider than the terminal if need be): tables stay whole."""
+    from rich.console import Console
+
+    return Console(width=max(Console().width, min_width))
+
+
 def _probability_table(probs: dict[str, dict[str, float]], title_suffix: str = "") -> Any:
     """A table of each model's (rows) mean answer probability on each split (columns)."""
     from rich.table import Table
@@ -130,7 +137,6 @@ HEADLINE = ("forget_quality", "model_utility", "forget_probability", "forget_rou
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     from unlearning.evaluate.report import format_value
@@ -145,8 +151,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         table.add_column(label, justify="right")
     for metric in (k for k in HEADLINE if k in present):
         table.add_row(metric, *(format_value(r.metrics.get(metric)) for r in results.values()))
-    console = Console()
-    console = Console(width=max(console.width, 34 + 12 * len(results)))  # never cut a metric name or a model
+    console = _wide_console(34 + 12 * len(results))  # never cut a metric name or a model
     console.print(table)
     for label, r in results.items():
         console.print(f"{label}: {r.eval_dir / 'eval.json'}{' (cached)' if r.cached else ''}", markup=False)
@@ -154,7 +159,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def _print_report(report: dict[str, Any], uri: str) -> None:
     """The end of `unlearn run` and `unlearn sweep`: the results table, the plot, how to browse the runs."""
-    from rich.console import Console
     from rich.table import Table
 
     from unlearning.evaluate.report import COLUMNS, format_value
@@ -167,8 +171,7 @@ def _print_report(report: dict[str, Any], uri: str) -> None:
         table.add_column(column, justify="right")
     for label, m in metrics.items():
         table.add_row(label, *(format_value(m.get(c)) for c in COLUMNS))
-    console = Console()
-    console = Console(width=max(console.width, 40 + 16 * len(COLUMNS)))
+    console = _wide_console(40 + 16 * len(COLUMNS))
     console.print(table)
     cached = sum(state == "Cached" for state in report["stages"].values())
     console.print(f"best: {report['best']} ({report['why']})", markup=False)
@@ -205,7 +208,6 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 def cmd_sequence(args: argparse.Namespace) -> None:
     _quiet_prefect()  # before Prefect is imported: it reads its settings then
-    from rich.console import Console
     from rich.markdown import Markdown
 
     from flows.sequence import sequence_flow
@@ -213,8 +215,7 @@ def cmd_sequence(args: argparse.Namespace) -> None:
 
     cfg = _load(args)
     result = sequence_flow(cfg.to_dict())
-    console = Console()
-    console = Console(width=max(console.width, 150))  # one column per request: never cut a number
+    console = _wide_console(150)  # one column per request: never cut a number
     console.print(Markdown(result["table"]))
     console.print(f"ledger: {result['path']}\nplot: {result['plot']}", markup=False)
     if result["mlflow_run"]:
