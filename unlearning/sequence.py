@@ -108,8 +108,8 @@ def sequence(cfg: ExperimentConfig, on_request: Callable[[dict[str, Any]], None]
     label, run = next(iter(runs.items()))
     raise_if(launch_problems(run))
     prepared = prepare(run)
-    requests = plan_requests(run, list(prepared.splits()["forget"]["entity"]) if "entity" in
-                             prepared.splits()["forget"].column_names else [None] * prepared.info()["counts"]["forget"])
+    forget = prepared.splits()["forget"]
+    requests = plan_requests(run, list(forget["entity"]) if "entity" in forget.column_names else [None] * len(forget))
     request_data = [derive(prepared, f"request{r.index}", {"forget": r.rows}) for r in requests]
     raise_if([f"request {r.index} ({len(r.rows)} items): {p}" for r, data in zip(requests, request_data, strict=True)
               for p in data_problems(run, data)])
