@@ -41,6 +41,7 @@ from unlearning.config import (
 )
 from unlearning.errors import UserError, raise_if
 from unlearning.evaluate.report import best_model, results_table, tradeoff_plot
+from unlearning.evaluate.runner import eval_key
 from unlearning.merge.stage import finetune_config
 from unlearning.models import model_identity
 from unlearning.tracking import NullTracker, flatten, tracker_for, ui_command
@@ -110,10 +111,7 @@ def merge_key(_: Any, p: dict[str, Any]) -> str:
 
 
 def evaluate_key(_: Any, p: dict[str, Any]) -> str:
-    cfg, oracle = p["cfg"], p["oracle"]
-    settings = cfg.eval.model_dump(exclude={"models"})
-    return _key("eval", cfg, p["label"], model_identity(p["path"]), p["prepared"].fingerprint, settings,
-                cfg.data.template.model_dump(), cfg.model.dtype, oracle.result["identity"] if oracle else None)
+    return _key("eval", p["cfg"], p["label"], eval_key(p["path"], p["prepared"], p["cfg"], p["oracle"]))
 
 
 def _outputs_exist(result: Any) -> bool:

@@ -112,7 +112,8 @@ def evaluate_checkpoint(path: Path, prepared: PreparedData, cfg: ExperimentConfi
     }
 
 
-def _eval_key(path: Path, prepared: PreparedData, cfg: ExperimentConfig, oracle: ModelEval | None) -> str:
+def eval_key(path: Path, prepared: PreparedData, cfg: ExperimentConfig, oracle: ModelEval | None) -> str:
+    """Everything one evaluation depends on (the name of its eval directory and its cache key)."""
     settings = cfg.eval.model_dump(exclude={"models"})
     return content_hash(EVAL_VERSION, model_identity(path), prepared.fingerprint, settings,
                         cfg.data.template.model_dump(), cfg.model.dtype, oracle.result["identity"] if oracle else None)
@@ -121,7 +122,7 @@ def _eval_key(path: Path, prepared: PreparedData, cfg: ExperimentConfig, oracle:
 def evaluate_model(path: Path, prepared: PreparedData, cfg: ExperimentConfig, *, label: str,
                    oracle: ModelEval | None = None, is_oracle: bool = False) -> ModelEval:
     """Evaluate one checkpoint, or reuse its cached eval.json (written atomically, so never half)."""
-    key = _eval_key(path, prepared, cfg, oracle)
+    key = eval_key(path, prepared, cfg, oracle)
     out = cfg.out / "eval" / f"{label}-{key}"
     if (out / "eval.json").is_file():
         return ModelEval(label, path, out, json.loads((out / "eval.json").read_text()), cached=True)
