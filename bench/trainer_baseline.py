@@ -24,8 +24,8 @@ def main(job_path: Path, out_path: Path) -> None:
     from unlearning.data.prepare import PreparedData
     from unlearning.data.tokenize import collate
     from unlearning.memory import peak_rss_mb, rss_mb
-    from unlearning.methods import METHODS, RETAIN_LOSSES
-    from unlearning.methods.logprobs import sequence_logprobs
+    from unlearning.methods import METHODS
+    from unlearning.methods.logprobs import mean_token_nll, sequence_logprobs
 
     job = json.loads(job_path.read_text())
     rss_before_model = rss_mb()
@@ -60,7 +60,7 @@ def main(job_path: Path, out_path: Path) -> None:
             if job["alpha"] > 0:
                 r = inputs["retain"]
                 r_logits = model(input_ids=r["input_ids"], attention_mask=r["attention_mask"]).logits
-                loss = loss + job["alpha"] * RETAIN_LOSSES.get("nll").fn(r_logits, r)
+                loss = loss + job["alpha"] * mean_token_nll(r_logits, r["labels"])
             return loss
 
     class Clock(TrainerCallback):

@@ -209,6 +209,8 @@ class TrainConfig(Strict):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     gradient_checkpointing: bool = False
+    packing: bool = Field(True, description="run a micro-batch as one row without padding where the model keeps "
+                          "packed sequences apart (checked at start) and it saves work; same losses up to rounding")
     checkpoint_every: int = Field(0, ge=0, description="steps between DeepSpeed checkpoints; 0: only at end")
     timeout_s: PositiveFloat | None = Field(None, description="wall-clock limit of the training job: past it every "
                                             "rank is stopped, checkpoints kept; rerun to resume")

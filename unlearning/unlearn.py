@@ -105,10 +105,14 @@ def _lora_problems(cfg: ExperimentConfig, tokenizer: Any) -> list[str]:
     return []
 
 
+# Settings that change how a run goes, not its weights (packing: the same losses up to float rounding).
+RUN_SETTINGS = {"checkpoint_every", "keep_checkpoints", "hostfile", "timeout_s", "packing"}
+
+
 def run_key(cfg: ExperimentConfig, target: str, prepared: PreparedData) -> str:
     """Everything the unlearned weights depend on."""
     return content_hash(UNLEARN_VERSION, model_identity(target), prepared.fingerprint, cfg.method.model_dump(),
-                        cfg.train.model_dump(exclude={"checkpoint_every", "keep_checkpoints", "hostfile", "timeout_s"}),
+                        cfg.train.model_dump(exclude=RUN_SETTINGS),
                         world_size(cfg), cfg.seed, cfg.model.dtype, cfg.data.template.model_dump())
 
 

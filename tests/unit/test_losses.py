@@ -103,7 +103,9 @@ def test_retain_losses_are_registered():
     assert RETAIN_LOSSES.names() == ["kl", "nll"]
     logits, labels = torch.zeros(1, 3, 4), torch.tensor([[IGNORE_INDEX, 1, 2]])
     batch = {"labels": labels, "attention_mask": torch.ones(1, 3, dtype=torch.long)}
-    assert RETAIN_LOSSES.get("nll").fn(logits, batch).item() == pytest.approx(math.log(4))
+    uniform = sequence_logprobs(logits, labels)  # 2 answer tokens at log(1/4) each
+    assert RETAIN_LOSSES.get("nll").fn(uniform).item() == pytest.approx(math.log(4))
+    assert RETAIN_LOSSES.get("nll").fn(uniform.with_norm(torch.tensor(4.0))).item() == pytest.approx(math.log(4) / 2)
     assert RETAIN_LOSSES.get("kl").fn(logits, batch, ref_logits=logits).item() == pytest.approx(0.0)
     with pytest.raises(ValueError, match="reference"):
         RETAIN_LOSSES.get("kl").fn(logits, batch)

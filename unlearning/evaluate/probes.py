@@ -25,7 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from unlearning.data.tokenize import collate, encode_prompts, encode_qa_many
-from unlearning.methods.logprobs import answer_distributions, sequence_logprobs
+from unlearning.methods.answers import answer_logprobs_of
+from unlearning.methods.logprobs import answer_distributions
 
 
 @dataclass(frozen=True)
@@ -234,8 +235,7 @@ def answer_logprobs(model: Any, rows: Sequence[dict[str, Any]], *, pad_id: int, 
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         batch = {k: v.to(device) for k, v in collate([rows[i] for i in idx], pad_id).items()}
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        seq = sequence_logprobs(out.logits, batch["labels"])
+        seq = answer_logprobs_of(model, batch)
         logp[idx] = seq.logp.double().cpu().numpy()
         ntok[idx] = seq.ntokens.long().cpu().numpy()
     return logp, ntok

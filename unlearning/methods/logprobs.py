@@ -13,6 +13,7 @@ depend on the number of ranks.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +88,64 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> SequenceLog
     """Summed answer log-prob and answer length of each sequence; (B, T, V), (B, T) -> (B,), (B,)."""
     logp, mask = token_logprobs(logits, labels)
     return SequenceLogProbs(logp.sum(-1), mask.sum(-1).float())
+
+
+@dataclass(frozen=True)
+class AnswerLayout:
+    """A micro-batch arranged so that the model computes only the logits that score answer tokens.
+
+    Attributes:
+        inputs: the model call's keyword arguments: `input_ids` and `attention_mask` (B, T) as collated,
+            or, packed, `input_ids` and `position_ids` (1, N) and `use_cache=False`: every sequence back to
+            back without padding, positions restarting at 0 for each, which keeps them apart in attention.
+        keep: bool mask over the input positions, (B, T) or (1, N): those whose next token is an answer
+            token; the model's `logits_to_keep` projects only these, to logits (M, V) in row-major order.
+        targets: (M,) the answer token each kept position predicts.
+        owner: (M,) the sequence (0..B-1) each of them belongs to.
+        size: B, the number of sequences.
+    """
+
+    inputs: dict[str, Any]
+    keep: torch.Tensor
+    targets: torch.Tensor
+    owner: torch.Tensor
+    size: int
+
+
+def answer_layout(batch: dict[str, torch.Tensor], *, pack: bool) -> AnswerLayout:
+    """The `AnswerLayout` of a collated micro-batch (`input_ids`, `labels`, `attention_mask`, (B, T))."""
+    ids, labels, real = batch["input_ids"], batch["labels"], batch["attention_mask"].bool()
+    size = ids.shape[0]
+    predicts = torch.zeros_like(real)
+    predicts[:, :-1] = (labels[:, 1:] != IGNORE_INDEX) & real[:, :-1]  # position t scores token t+1
+    targets = labels[:, 1:][predicts[:, :-1]]
+    owner = torch.arange(size, device=ids.device)[:, None].expand_as(real)[predicts]
+    if not pack:
+        return AnswerLayout({"input_ids": ids, "attention_mask": batch["attention_mask"]}, predicts, targets, owner,
+                            size)
+    positions = real.long().cumsum(1) - 1
+    # No cache either: transformers only reads packed sequences from the position ids without one.
+    inputs: dict[str, Any] = {"input_ids": ids[real][None], "position_ids": positions[real][None], "use_cache": False}
+    return AnswerLayout(inputs, predicts[real][None], targets, owner, size)
+
+
+def packing_pays(lengths: list[int], hidden_size: int) -> bool:
+    """Whether packing a micro-batch of these sequence lengths saves work over padding it.
+
+    Packing drops the padding from every linear layer (≈ 24·h² flops per token and layer) but attends
+    over the whole packed row (≈ 4·h per query-key pair, with the other sequences masked, not skipped).
+    """
+    n, padded = sum(lengths), len(lengths) * max(lengths)
+    per_token = 6 * hidden_size  # both costs divided by 4·h
+    return n * per_token + n * n < padded * per_token + len(lengths) * max(lengths) ** 2
+
+
+def layout_logprobs(logits: torch.Tensor, layout: AnswerLayout) -> SequenceLogProbs:
+    """Summed answer log-prob and answer length of each sequence from the kept logits (M, V)."""
+    logp = -F.cross_entropy(logits.float(), layout.targets, reduction="none")  # (M,)
+    sums = torch.zeros(layout.size, dtype=logp.dtype, device=logp.device).index_add(0, layout.owner, logp)
+    counts = torch.bincount(layout.owner, minlength=layout.size).to(logp.dtype)
+    return SequenceLogProbs(sums, counts)
 
 
 def mean_token_nll(logits: torch.Tensor, labels: torch.Tensor, norm: torch.Tensor | None = None) -> torch.Tensor:

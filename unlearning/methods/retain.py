@@ -1,8 +1,9 @@
 """Retain terms, added as α·retain_loss to keep the model's utility while it forgets.
 
-A retain function takes the model's logits (B, T, V) on the retain micro-batch, the batch itself
-(`labels`, `attention_mask` and the optional step normalisers `answer_norm` / `position_norm`, see
-`methods/logprobs.py`) and the reference model's logits when it is registered with `needs_ref_model`.
+A retain function takes the retain answers' `SequenceLogProbs` (with the step normaliser `answer_norm`,
+see `methods/logprobs.py`). One registered with `needs_ref_model` scores whole next-token distributions
+instead: it takes the model's logits (B, T, V) on the retain micro-batch, the batch itself
+(`attention_mask`, the step normaliser `position_norm`) and the reference model's logits.
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ from collections.abc import Mapping
 import torch
 
 from unlearning.methods import RETAIN_LOSSES
-from unlearning.methods.logprobs import mean_token_nll, token_kl
+from unlearning.methods.logprobs import SequenceLogProbs, token_kl
 
 
 @RETAIN_LOSSES.register("nll")
-def nll(logits: torch.Tensor, batch: Mapping[str, torch.Tensor], ref_logits: torch.Tensor | None = None
-        ) -> torch.Tensor:
+def nll(retain: SequenceLogProbs) -> torch.Tensor:
     """Mean token NLL of the retain answers."""
-    return mean_token_nll(logits, batch["labels"], batch.get("answer_norm"))
+    return -retain.token_mean()
 
 
 @RETAIN_LOSSES.register("kl", needs_ref_model=True)

@@ -30,6 +30,7 @@ from unlearning.config import ExperimentConfig, LoraConfig, validate_config
 from unlearning.data.pairing import refusal_rows
 from unlearning.data.prepare import PreparedData
 from unlearning.memory import peak_rss_mb, rss_mb
+from unlearning.methods.answers import layouts
 from unlearning.train import engine as ds
 from unlearning.train.loop import LoopResult, run_loop
 from unlearning.train.objective import UnlearningObjective, needs
@@ -191,7 +192,8 @@ def run(spec: dict[str, Any]) -> JobOutput:
     splits, tok, need = prepared.splits(), prepared.tokenizer(), needs(cfg.method)
     streams = _streams(cfg, engine, splits, tok, need, spec.get("ref_cache"), resumed=start_step > 0)
     ref_logits = _ref_logits_fn(cfg, engine, spec["target"], ds_config) if need["ref_model"] else None
-    objective = UnlearningObjective(cfg.method, ref_logits)
+    ways = layouts(engine)  # probed now, on every rank (a collective forward under ZeRO-3)
+    objective = UnlearningObjective(cfg.method, ref_logits, pack=train.packing)
     layout = Layout(train.batch_size, place.world, train.grad_accum)
     batches = micro_batches(streams, layout, rank=place.rank, seed=cfg.seed, pad_id=tok.pad_token_id,
                             start_step=start_step, paired={"idk": "forget"} if "idk" in streams else None)
@@ -250,6 +252,7 @@ def run(spec: dict[str, Any]) -> JobOutput:
             **paths, "steps": result.steps, "max_steps": train.max_steps, "stopped_by": result.stopped_by,
             "resumed_from_step": start_step, "world_size": place.world, "zero_stage": train.zero_stage,
             "lora": train.lora.enabled, "global_batch": layout.global_batch,
+            "answer_logits_only": ways.keep, "packing": train.packing and ways.pack,
             "losses": history, "utility_checks": utility, "final": history[-1] if history else {},
             "tokens": int(tokens.item()), "train_s": round(result.wall_s, 3),
             "tokens_per_s": round(float(tokens.item()) / result.wall_s, 1) if result.wall_s else 0.0,

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from unlearning.methods.logprobs import mean_token_nll
+from unlearning.methods.answers import answer_logprobs_of
 
 Objective = Callable[[Any, dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 OnStep = Callable[[dict[str, float]], str | None]
@@ -44,8 +44,7 @@ class LoopResult:
 
 def nll_objective(engine: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Plain fine-tuning: mean NLL of the answer tokens."""
-    out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    loss = mean_token_nll(out.logits, batch["labels"])
+    loss = -answer_logprobs_of(engine, batch).token_mean()
     return loss, {"loss": loss.detach()}
 
 

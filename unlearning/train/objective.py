@@ -10,7 +10,8 @@ import torch
 
 from unlearning.config import MethodConfig
 from unlearning.methods import METHODS, RETAIN_LOSSES
-from unlearning.methods.logprobs import SequenceLogProbs, sequence_logprobs
+from unlearning.methods.answers import answer_logprobs_of
+from unlearning.methods.logprobs import SequenceLogProbs
 
 RefLogits = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
@@ -27,9 +28,8 @@ def needs(method: MethodConfig) -> dict[str, bool]:
     }
 
 
-def _answer_logprobs(engine: Any, batch: dict[str, torch.Tensor]) -> SequenceLogProbs:
-    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-    seq = sequence_logprobs(logits, batch["labels"]).with_norm(batch.get("answer_norm"))
+def _answer_logprobs(engine: Any, batch: dict[str, torch.Tensor], pack: bool) -> SequenceLogProbs:
+    seq = answer_logprobs_of(engine, batch, pack=pack).with_norm(batch.get("answer_norm"))
     return seq.with_ref(batch["ref_logp"]) if "ref_logp" in batch else seq
 
 
@@ -45,10 +45,13 @@ class UnlearningObjective:
     Args:
         method: the resolved method config (name, gamma, alpha, retain_loss and its parameters).
         ref_logits: the reference model's logits on a batch, for retain terms that need them.
+        pack: let micro-batches run packed where the model supports it and it saves work (see
+            `methods/answers.py`); the losses are the same either way, up to float rounding.
     """
 
     method: MethodConfig
     ref_logits: RefLogits | None = None
+    pack: bool = True
     _needs: dict[str, bool] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -61,20 +64,22 @@ class UnlearningObjective:
     def __call__(self, engine: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         device = _device(engine)
         batch = {name: {k: v.to(device) for k, v in part.items()} for name, part in batch.items()}
-        forget = _answer_logprobs(engine, batch["forget"])
-        inputs = {"forget": forget, "idk": _answer_logprobs(engine, batch["idk"])} if self._needs["idk"] else {
-            "forget": forget}
+        forget = _answer_logprobs(engine, batch["forget"], self.pack)
+        inputs = {"forget": forget}
+        if self._needs["idk"]:
+            inputs["idk"] = _answer_logprobs(engine, batch["idk"], self.pack)
         forget_loss = self._forget_fn(**inputs, **self.method.params)
         loss = float(self.method.gamma or 0.0) * forget_loss
         metrics = {"forget_loss": forget_loss.detach(), "forget_nll": -forget.token_mean().detach()}
         if self._retain_fn is not None:
             retain = batch["retain"]
-            logits = engine(input_ids=retain["input_ids"], attention_mask=retain["attention_mask"]).logits
-            ref = None
-            if self.ref_logits is not None and self._needs["ref_model"]:
+            if self._needs["ref_model"]:  # a term over the whole next-token distributions (KL)
+                logits = engine(input_ids=retain["input_ids"], attention_mask=retain["attention_mask"]).logits
                 with torch.no_grad():
-                    ref = self.ref_logits(retain)
-            retain_loss = self._retain_fn(logits, retain, ref)
+                    ref = self.ref_logits(retain) if self.ref_logits is not None else None
+                retain_loss = self._retain_fn(logits, retain, ref)
+            else:
+                retain_loss = self._retain_fn(_answer_logprobs(engine, retain, self.pack))
             loss = loss + float(self.method.alpha or 0.0) * retain_loss
             metrics["retain_loss"] = retain_loss.detach()
         metrics["loss"] = loss.detach()

@@ -1,0 +1,96 @@
+"""Answer log-probs of a model on a micro-batch, computing only the logits that score answer tokens.
+
+Research frameworks project every position of every sequence onto the vocabulary, then mask the
+question and the padding away. Here the model is asked (`logits_to_keep`, a bool mask) for the
+positions that predict an answer token only, and, where it pays (`packing_pays`), the sequences run as
+one packed row without padding. Both are checked once per model object on a short probe against its
+plain forward (`Layouts`), so a model whose code ignores either falls back to the plain path instead
+of returning wrong numbers.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from unlearning.methods.logprobs import SequenceLogProbs, answer_layout, layout_logprobs, packing_pays
+
+
+@dataclass(frozen=True)
+class Layouts:
+    """What a model's forward honours: a bool `logits_to_keep` mask, and packed sequences (position ids
+    restarting at 0 with no attention mask) kept apart in attention."""
+
+    keep: bool
+    pack: bool
+
+
+_PROBED: weakref.WeakKeyDictionary[Any, Layouts] = weakref.WeakKeyDictionary()
+
+
+def layouts(model: Any) -> Layouts:
+    """The `Layouts` a model supports, probed on its first use (a collective call under ZeRO-3: every
+    rank probes the same inputs)."""
+    inner = _inner(model)
+    if inner not in _PROBED:
+        _PROBED[inner] = _probe(inner)
+    return _PROBED[inner]
+
+
+def _inner(model: Any) -> Any:
+    """The model inside a training engine (DeepSpeed's or `TorchEngine`), else the model itself."""
+    return getattr(model, "module", model)
+
+
+@torch.no_grad()
+def _probe(model: Any) -> Layouts:
+    vocab = int(model.config.vocab_size)
+    param = next(model.parameters())
+    first = torch.tensor([(3 + 5 * i) % vocab for i in range(12)], device=param.device)
+    second = torch.tensor([(7 + 11 * i) % vocab for i in range(6)], device=param.device)
+    tol = 1e-3 if param.dtype == torch.float32 else 5e-2
+    was_training = model.training
+    model.eval()
+    try:
+        plain = F.log_softmax(model(input_ids=second[None]).logits[0].float(), -1)  # (6, V)
+        mask = torch.tensor([[False, True, True, False, True, False]], device=param.device)
+        keep = _agrees(lambda: model(input_ids=second[None], logits_to_keep=mask).logits, plain[mask[0]], tol)
+        position_ids = torch.cat([torch.arange(12), torch.arange(6)]).to(param.device)[None]
+        pack = _agrees(lambda: model(input_ids=torch.cat([first, second])[None], position_ids=position_ids,
+                                     use_cache=False).logits[0, 12:], plain, tol)
+    finally:
+        model.train(was_training)
+    return Layouts(keep=keep, pack=pack)
+
+
+def _agrees(run: Any, expected: torch.Tensor, tol: float) -> bool:
+    try:
+        got = run()
+    except (TypeError, ValueError, IndexError, RuntimeError):  # a forward without the argument, or another use
+        return False
+    got = got.reshape(-1, got.shape[-1])
+    return got.shape == expected.shape and bool(
+        (F.log_softmax(got.float(), -1) - expected).abs().max() <= tol)
+
+
+def answer_logprobs_of(model: Any, batch: dict[str, torch.Tensor], *, pack: bool = True) -> SequenceLogProbs:
+    """Summed answer log-prob and answer length of each sequence of a collated micro-batch.
+
+    Args:
+        model: a causal LM, a peft model, or a training engine around one.
+        batch: `input_ids`, `labels` and `attention_mask`, (B, T), on the model's device.
+        pack: allow packing (taken when the model supports it and it saves work).
+    """
+    ways = layouts(model)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    hidden = getattr(_inner(model).config, "hidden_size", None) or 1024
+    layout = answer_layout(batch, pack=pack and ways.pack and packing_pays(lengths, hidden))
+    if ways.keep:
+        logits = model(**layout.inputs, logits_to_keep=layout.keep).logits
+    else:
+        logits = model(**layout.inputs).logits[layout.keep]
+    return layout_logprobs(logits.reshape(-1, logits.shape[-1]), layout)
