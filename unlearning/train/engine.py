@@ -29,10 +29,43 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_rat
     return get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * total_steps), total_steps)
 
 
-def adamw(params: list[torch.nn.Parameter], **hyper: Any) -> torch.optim.AdamW:
-    """torch's AdamW with the fused kernel where torch has one (CPU, CUDA): one pass per tensor."""
-    fused = all(p.device.type in ("cpu", "cuda") for p in params) or None
-    return torch.optim.AdamW(params, fused=fused, **hyper)
+def adamw(params: list[torch.nn.Parameter], *, max_grad_norm: float | None = None, **hyper: Any
+          ) -> torch.optim.AdamW:
+    """torch's AdamW with the fused kernel where torch has one (CPU, CUDA): one pass per tensor.
+
+    With `max_grad_norm` and the fused kernel, a `ClippedAdamW` that clips inside the update;
+    otherwise the caller clips (`clips_gradients` says which).
+    """
+    if all(p.device.type in ("cpu", "cuda") for p in params):
+        if max_grad_norm is not None:
+            return ClippedAdamW(params, max_grad_norm=max_grad_norm, **hyper)
+        return torch.optim.AdamW(params, fused=True, **hyper)
+    return torch.optim.AdamW(params, **hyper)
+
+
+class ClippedAdamW(torch.optim.AdamW):
+    """Fused AdamW that first clips the gradients' global L2 norm to `max_grad_norm`, within the update.
+
+    The clip coefficient reaches the fused kernel as its gradient divisor (`grad_scale`, the hook AMP
+    uses to unscale gradients), so a step reads the gradients once for the norm and once in the update,
+    without the pass of `clip_grad_norm_` that rescales them all in place. The result is that of
+    `clip_grad_norm_` then AdamW, up to float rounding (a division instead of a multiplication).
+    """
+
+    def __init__(self, params: Any, *, max_grad_norm: float, **hyper: Any):
+        super().__init__(params, fused=True, **hyper)
+        self.max_grad_norm = max_grad_norm
+
+    def step(self, closure: Any = None) -> Any:
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            self.grad_scale = ((norm + 1e-6) / self.max_grad_norm).clamp(min=1.0)  # torch's clip: max/(norm+1e-6)
+        return super().step(closure)
+
+
+def clips_gradients(optimizer: Any) -> bool:
+    return isinstance(optimizer, ClippedAdamW)
 
 
 class TorchEngine:
@@ -52,7 +85,7 @@ class TorchEngine:
         self.grad_accum = grad_accum
         self.max_grad_norm = max_grad_norm
         params = [p for p in module.parameters() if p.requires_grad]
-        self.optimizer = adamw(params, lr=lr, weight_decay=weight_decay)
+        self.optimizer = adamw(params, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
         self.scheduler = warmup_cosine(self.optimizer, total_steps, warmup_ratio)
         self.micro_steps = 0
 
@@ -66,7 +99,8 @@ class TorchEngine:
         self.micro_steps += 1
         if self.micro_steps % self.grad_accum:
             return
-        torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
+        if not clips_gradients(self.optimizer):
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -193,16 +227,23 @@ def _client_optimizer(params: list[torch.nn.Parameter], ds_config: dict[str, Any
 
     DeepSpeed builds torch's AdamW with the per-tensor loop (a dozen kernel launches per parameter); the
     fused kernel does one pass per tensor on CPU and CUDA, as `transformers.Trainer` does by default. Under
-    ZeRO, DeepSpeed hands this optimizer its fp32 partitions, so the update is the same AdamW. With
-    offload the config's DeepSpeed CPU Adam stays, and None is returned.
+    ZeRO, DeepSpeed hands this optimizer its fp32 partitions, so the update is the same AdamW. Without
+    ZeRO or bf16, DeepSpeed steps it directly, so it also clips (`ClippedAdamW`) in place of DeepSpeed,
+    whose clipping rescales every gradient tensor in a pass of its own. With offload the config's
+    DeepSpeed CPU Adam stays, and None is returned.
     """
     spec = ds_config.get("optimizer", {})
     hyper = dict(spec.get("params", {}))
     if not hyper.pop("torch_adam", False):
         return None, ds_config
+    rest = {k: v for k, v in ds_config.items() if k != "optimizer"}
+    alone = ds_config["zero_optimization"]["stage"] == 0 and not ds_config["bf16"]["enabled"]
+    clip = ds_config["gradient_clipping"] if alone and ds_config["gradient_clipping"] else None
     optimizer = adamw(params, lr=hyper["lr"], betas=tuple(hyper["betas"]), eps=hyper["eps"],
-                      weight_decay=hyper["weight_decay"])
-    return optimizer, {k: v for k, v in ds_config.items() if k != "optimizer"}
+                      weight_decay=hyper["weight_decay"], max_grad_norm=clip)
+    if clips_gradients(optimizer):
+        rest["gradient_clipping"] = 0.0
+    return optimizer, rest
 
 
 def frozen_reference(path: str | Path, ds_config: dict[str, Any], *, dtype: torch.dtype,
