@@ -7,8 +7,11 @@
    tokens of every forward (forget + retain) over the training loop. The baseline projects every
    position onto the vocabulary and pads; ours computes only the logits that score answer tokens and
    packs a micro-batch into one row where that saves work (`methods/answers.py`); `--no-packing`
-   turns packing off. Sides alternate, so a slow spell of the machine hits both; the headline ratio
-   is the median over the repeats of ours / the Trainer run next to it.
+   turns packing off. Sides alternate (ours first, then the Trainer first, ...), so a slow spell of
+   the machine hits both; the ratio is the median over the repeats of ours / the Trainer run next
+   to it. On a shared machine whole runs vary by ±10 %, so the same steps are also timed in lockstep
+   (bench/lockstep.py): both sides in one process taking turns step by step, which cancels the
+   machine's drift and resolves a few percent.
 2. Memory: NPO with reference log-probs cached before training vs GA (target: NPO ≤ GA + 5 %), and the
    Trainer's NPO, which holds a reference model. Ours is measured up to the end of the training loop
    (the Trainer baseline saves no checkpoint either). Both methods run without a retain term (α=0), so
@@ -65,19 +68,37 @@ def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return max(runs, key=lambda r: r["tokens_per_s"])
 
 
-def trainer(args: argparse.Namespace, method: str, target: str, prepared: Any) -> dict[str, Any]:
+def trainer_job(args: argparse.Namespace, method: str, target: str, prepared: Any) -> dict[str, Any]:
     cfg = config(args, method)
-    work = cfg.out / "trainer" / method
+    return {"method": method, "target": target, "data": str(prepared.path), "fingerprint": prepared.fingerprint,
+            "steps": args.steps, "lr": cfg.train.lr, "batch_size": args.batch_size, "alpha": cfg.method.alpha}
+
+
+def _env() -> dict[str, str]:
+    # The same threads as a 1-rank job gets (`unlearn._job_env`).
+    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))}
+
+
+def trainer(args: argparse.Namespace, method: str, target: str, prepared: Any) -> dict[str, Any]:
+    work = config(args, method).out / "trainer" / method
     work.mkdir(parents=True, exist_ok=True)
-    job = {"method": method, "target": target, "data": str(prepared.path), "fingerprint": prepared.fingerprint,
-           "steps": args.steps, "lr": cfg.train.lr, "batch_size": args.batch_size, "alpha": cfg.method.alpha}
-    (work / "job.json").write_text(json.dumps(job))
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))}
+    (work / "job.json").write_text(json.dumps(trainer_job(args, method, target, prepared)))
     subprocess.run([sys.executable, str(REPO / "bench/trainer_baseline.py"), str(work / "job.json"),
-                    str(work / "result.json")], check=True, env=env, cwd=REPO)
+                    str(work / "result.json")], check=True, env=_env(), cwd=REPO)
     r = json.loads((work / "result.json").read_text())
     return {"tokens_per_s": r["tokens_per_s"], "train_s": r["train_s"],
             "memory_mb": r["peak_rss_mb"] - r["rss_before_model_mb"]}
+
+
+def lockstep(args: argparse.Namespace, method: str, target: str, prepared: Any) -> dict[str, Any]:
+    cfg = config(args, method)
+    work = cfg.out / "lockstep" / method
+    work.mkdir(parents=True, exist_ok=True)
+    job = {**trainer_job(args, method, target, prepared), "config": cfg.model_dump(mode="json")}
+    (work / "job.json").write_text(json.dumps(job))
+    subprocess.run([sys.executable, str(REPO / "bench/lockstep.py"), str(work / "job.json"), str(work / "result.json")],
+                   check=True, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL)
+    return json.loads((work / "result.json").read_text())
 
 
 def main() -> None:
@@ -87,7 +108,7 @@ def main() -> None:
     parser.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3])
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each side")
+    parser.add_argument("--repeats", type=int, default=4, help="alternating runs of each side")
     parser.add_argument("--no-packing", dest="packing", action="store_false", help="train.packing=false for ours")
     args = parser.parse_args()
 
@@ -103,11 +124,13 @@ def main() -> None:
     results = {}
     for method in ("ga", "npo"):
         runs: dict[str, list[dict[str, Any]]] = {"ours": [], "trainer": []}
-        for _ in range(args.repeats):  # alternate, so a slow spell of the machine hits both sides
-            runs["ours"].append(ours(args, method))
-            runs["trainer"].append(trainer(args, method, str(built.target), prepared))
+        for i in range(args.repeats):  # alternate, each side first every other time (no order bias)
+            for side in ("ours", "trainer") if i % 2 == 0 else ("trainer", "ours"):
+                runs[side].append(ours(args, method) if side == "ours"
+                                  else trainer(args, method, str(built.target), prepared))
         results[method] = {side: best(r) for side, r in runs.items()}
         results[method]["all"] = runs
+        results[method]["lockstep"] = lockstep(args, method, str(built.target), prepared)
 
     print(f"\nmodel {args.hidden}x{args.layers}, micro-batch {args.batch_size}, {args.steps} steps, "
           f"1 process, ours on DeepSpeed ZeRO-{args.zero_stage} (packing {'on' if args.packing else 'off'}); "
@@ -119,11 +142,15 @@ def main() -> None:
         print(f"{method} tok/s per run: ours {[round(x) for x in o_runs]}, Trainer {[round(x) for x in t_runs]}; "
               f"paired ratios {[round(x, 2) for x in pairs]}")
     print(f"{'method':<8}{'ratio':>8}{'ours tok/s':>12}{'Trainer tok/s':>15}{'ours MB':>10}{'Trainer MB':>12}"
-          "   (ratio: median of paired runs; tok/s and MB: each side's fastest run)")
+          f"{'lockstep':>10}   (ratio: median of paired runs; tok/s and MB: each side's fastest run)")
     for method, r in results.items():
-        o, t = r["ours"], r["trainer"]
+        o, t, lock = r["ours"], r["trainer"], r["lockstep"]
+        r["lockstep_ratio"] = lock["ours"]["tokens_per_s"] / lock["trainer"]["tokens_per_s"]
         print(f"{method:<8}{r['paired_ratio']:>7.2f}x{o['tokens_per_s']:>12.0f}{t['tokens_per_s']:>15.0f}"
-              f"{o['memory_mb']:>10.0f}{t['memory_mb']:>12.0f}")
+              f"{o['memory_mb']:>10.0f}{t['memory_mb']:>12.0f}{r['lockstep_ratio']:>9.2f}x")
+    print("lockstep: both sides in one process, alternating step by step (bench/lockstep.py): "
+          + ", ".join(f"{m} ours {r['lockstep']['ours']['tokens_per_s']:.0f} vs Trainer "
+                      f"{r['lockstep']['trainer']['tokens_per_s']:.0f} tok/s" for m, r in results.items()))
     ga, npo = results["ga"], results["npo"]
     ours_ratio = npo["ours"]["memory_mb"] / ga["ours"]["memory_mb"]
     trainer_ratio = npo["trainer"]["memory_mb"] / ga["trainer"]["memory_mb"]

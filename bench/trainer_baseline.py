@@ -16,19 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+from unlearning.data.prepare import PreparedData
+from unlearning.data.tokenize import collate
+from unlearning.memory import peak_rss_mb, rss_mb
+from unlearning.methods import METHODS
+from unlearning.methods.logprobs import mean_token_nll, sequence_logprobs
 
 
-def main(job_path: Path, out_path: Path) -> None:
-    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
-
-    from unlearning.data.prepare import PreparedData
-    from unlearning.data.tokenize import collate
-    from unlearning.memory import peak_rss_mb, rss_mb
-    from unlearning.methods import METHODS
-    from unlearning.methods.logprobs import mean_token_nll, sequence_logprobs
-
-    job = json.loads(job_path.read_text())
-    rss_before_model = rss_mb()
+def build(job: dict[str, Any], out_dir: Path) -> tuple[Any, dict[str, int]]:
+    """The baseline Trainer for a job, and its counter of the real tokens its batches hold so far."""
     prepared = PreparedData(Path(job["data"]), job["fingerprint"])
     splits, pad = prepared.splits(), prepared.tokenizer().pad_token_id
     forget, retain = list(splits["forget"]), list(splits["retain"])
@@ -42,9 +40,6 @@ def main(job_path: Path, out_path: Path) -> None:
 
         def __getitem__(self, i: int) -> dict[str, Any]:
             return {"forget": forget[i], "retain": retain[(i * 7) % len(retain)]}
-
-    def collator(items: list[dict[str, Any]]) -> dict[str, Any]:
-        return {k: collate([it[k] for it in items], pad) for k in ("forget", "retain")}
 
     class UnlearningTrainer(Trainer):
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
@@ -63,6 +58,28 @@ def main(job_path: Path, out_path: Path) -> None:
                 loss = loss + job["alpha"] * mean_token_nll(r_logits, r["labels"])
             return loss
 
+    tokens = {"n": 0}
+
+    def counting_collator(items: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = {k: collate([it[k] for it in items], pad) for k in ("forget", "retain")}
+        tokens["n"] += int(batch["forget"]["attention_mask"].sum())
+        tokens["n"] += int(batch["retain"]["attention_mask"].sum()) if job["alpha"] > 0 else 0
+        return batch
+
+    args = TrainingArguments(
+        output_dir=str(out_dir / "trainer-out"), use_cpu=True, per_device_train_batch_size=job["batch_size"],
+        max_steps=job["steps"], learning_rate=job["lr"], lr_scheduler_type="cosine", warmup_steps=0,
+        weight_decay=0.0, max_grad_norm=1.0, report_to=[], save_strategy="no",
+        logging_strategy="no", disable_tqdm=True, remove_unused_columns=False, dataloader_drop_last=True,
+        seed=0)
+    return UnlearningTrainer(model=model, args=args, train_dataset=Pairs(), data_collator=counting_collator), tokens
+
+
+def main(job_path: Path, out_path: Path) -> None:
+    job = json.loads(job_path.read_text())
+    rss_before_model = rss_mb()
+    trainer, tokens = build(job, out_path.parent)
+
     class Clock(TrainerCallback):
         start = end = 0.0
 
@@ -72,22 +89,7 @@ def main(job_path: Path, out_path: Path) -> None:
         def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             Clock.end = time.perf_counter()
 
-    tokens = {"n": 0}
-
-    def counting_collator(items: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = collator(items)
-        tokens["n"] += int(batch["forget"]["attention_mask"].sum())
-        tokens["n"] += int(batch["retain"]["attention_mask"].sum()) if job["alpha"] > 0 else 0
-        return batch
-
-    args = TrainingArguments(
-        output_dir=str(out_path.parent / "trainer-out"), use_cpu=True, per_device_train_batch_size=job["batch_size"],
-        max_steps=job["steps"], learning_rate=job["lr"], lr_scheduler_type="cosine", warmup_steps=0,
-        weight_decay=0.0, max_grad_norm=1.0, report_to=[], save_strategy="no",
-        logging_strategy="no", disable_tqdm=True, remove_unused_columns=False, dataloader_drop_last=True,
-        seed=0)
-    trainer = UnlearningTrainer(model=model, args=args, train_dataset=Pairs(), data_collator=counting_collator,
-                                callbacks=[Clock()])
+    trainer.add_callback(Clock())
     trainer.train()
     wall = Clock.end - Clock.start
     out_path.write_text(json.dumps({

@@ -1,0 +1,111 @@
+"""Lockstep speed comparison for bench_unlearn.py: our engine and the Trainer baseline in one process,
+taking turns step by step (each goes first every other step), so a slow spell of the machine slows
+both alike. Run in its own process (it joins a 1-rank gloo group, as a launched rank does):
+
+    python bench/lockstep.py JOB.json OUT.json
+
+Ours is the rank's code: DeepSpeed engine, data streams (with the cached reference log-probs for
+NPO), objective, and `run_loop` for one optimizer step at a time. The Trainer side is the body of
+`Trainer`'s own inner loop for one step: `training_step` (the subclass's `compute_loss` and backward),
+`_clip_grad_norm`, the optimizer and scheduler steps and `zero_grad`; its outer bookkeeping
+(callbacks, logging checks) is left out, which can only favour it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from trainer_baseline import build
+
+from unlearning.config import validate_config
+from unlearning.data.prepare import PreparedData
+from unlearning.train import engine as ds
+from unlearning.train.job import _streams
+from unlearning.train.launch import free_port
+from unlearning.train.loop import run_loop
+from unlearning.train.objective import UnlearningObjective, needs
+from unlearning.train.sampler import Layout, micro_batches
+
+
+def ours(job: dict[str, Any], scratch: Path) -> Any:
+    """A closure running our next optimizer step; returns the real tokens it consumed."""
+    cfg = validate_config(job["config"])
+    ds.init_distributed()
+    ds_config = ds.deepspeed_config(cfg.train, 1)
+    model, _ = ds.load_for_training(job["target"], ds_config)
+    model.config.use_cache = False
+    engine = ds.initialize(model, ds_config, total_steps=job["steps"], warmup_ratio=cfg.train.warmup_ratio)
+    prepared = PreparedData(Path(job["data"]), job["fingerprint"])
+    tok = prepared.tokenizer()
+    streams = _streams(cfg, engine, prepared.splits(), tok, needs(cfg.method), str(scratch / "ref.safetensors"),
+                       resumed=False)
+    objective = UnlearningObjective(cfg.method, pack=cfg.train.packing)
+    batches = micro_batches(streams, Layout(cfg.train.batch_size, 1, 1), rank=0, seed=cfg.seed,
+                            pad_id=tok.pad_token_id)
+    done = 0
+
+    def step() -> int:
+        nonlocal done
+        result = run_loop(engine, batches, objective, max_steps=done + 1, grad_accum=1, start_step=done,
+                          show_progress=False)
+        done += 1
+        return result.tokens
+
+    return step
+
+
+def theirs(job: dict[str, Any], scratch: Path) -> Any:
+    """A closure running the Trainer's next optimizer step; returns the real tokens it consumed."""
+    trainer, tokens = build(job, scratch)
+    trainer.create_optimizer_and_scheduler(num_training_steps=job["steps"])
+    print(f"Trainer optimizer: {type(trainer.optimizer).__name__} {trainer.optimizer.defaults.get('fused')}",
+          file=sys.stderr)
+    trainer.current_gradient_accumulation_steps = 1
+    model = trainer.model
+    model.zero_grad()
+    batches = iter(trainer.get_train_dataloader())
+
+    def step() -> int:
+        nonlocal batches
+        before = tokens["n"]
+        try:
+            inputs = next(batches)
+        except StopIteration:  # the next epoch
+            batches = iter(trainer.get_train_dataloader())
+            inputs = next(batches)
+        loss = trainer.training_step(model, inputs)
+        bool(torch.isnan(loss) or torch.isinf(loss))  # the loop's NaN filter reads the loss every step
+        trainer._clip_grad_norm(model)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        model.zero_grad()
+        return tokens["n"] - before
+
+    return step
+
+
+def main(job_path: Path, out_path: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
+                      WORLD_SIZE="1", LOCAL_RANK="0")
+    job = json.loads(job_path.read_text())
+    with tempfile.TemporaryDirectory() as scratch:
+        sides = {"ours": ours(job, Path(scratch)), "trainer": theirs(job, Path(scratch))}
+        seconds, tokens = dict.fromkeys(sides, 0.0), dict.fromkeys(sides, 0)
+        for i in range(job["steps"]):
+            for name in ("ours", "trainer") if i % 2 == 0 else ("trainer", "ours"):
+                start = time.perf_counter()
+                tokens[name] += sides[name]()
+                seconds[name] += time.perf_counter() - start
+    out_path.write_text(json.dumps({name: {"tokens": tokens[name], "train_s": seconds[name],
+                                           "tokens_per_s": tokens[name] / seconds[name]} for name in sides}))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
