@@ -86,9 +86,10 @@ def answer_logprobs_of(model: Any, batch: dict[str, torch.Tensor], *, pack: bool
         pack: allow packing (taken when the model supports it and it saves work).
     """
     ways = layouts(model)
-    lengths = batch["attention_mask"].sum(1).tolist()
-    hidden = getattr(_inner(model).config, "hidden_size", None) or 1024
-    layout = answer_layout(batch, pack=pack and ways.pack and packing_pays(lengths, hidden))
+    if pack and ways.pack:  # reading the lengths syncs with the device: only when packing is possible
+        hidden = getattr(_inner(model).config, "hidden_size", None) or 1024
+        pack = packing_pays(batch["attention_mask"].sum(1).tolist(), hidden)
+    layout = answer_layout(batch, pack=pack and ways.pack)
     if ways.keep:
         logits = model(**layout.inputs, logits_to_keep=layout.keep).logits
     else:
