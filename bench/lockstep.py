@@ -9,6 +9,10 @@ NPO), objective, and `run_loop` for one optimizer step at a time. The Trainer si
 `Trainer`'s own inner loop for one step: `training_step` (the subclass's `compute_loss` and backward),
 `_clip_grad_norm`, the optimizer and scheduler steps and `zero_grad`; its outer bookkeeping
 (callbacks, logging checks) is left out, which can only favour it.
+
+Each side first takes one untimed step. The first step of a process pays for memory the process has
+never touched (the optimizer states, the heap's first growth), and in one process whichever side went
+first would pay it for both; the end-to-end runs of bench_unlearn.py, one process per side, time it.
 """
 
 from __future__ import annotations
@@ -97,8 +101,10 @@ def main(job_path: Path, out_path: Path) -> None:
     job = json.loads(job_path.read_text())
     with tempfile.TemporaryDirectory() as scratch:
         sides = {"ours": ours(job, Path(scratch)), "trainer": theirs(job, Path(scratch))}
+        for step in sides.values():
+            step()  # untimed warm-up (see the module's docstring)
         seconds, tokens = dict.fromkeys(sides, 0.0), dict.fromkeys(sides, 0)
-        for i in range(job["steps"]):
+        for i in range(job["steps"] - 1):
             for name in ("ours", "trainer") if i % 2 == 0 else ("trainer", "ours"):
                 start = time.perf_counter()
                 tokens[name] += sides[name]()
