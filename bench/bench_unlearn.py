@@ -20,7 +20,8 @@
    Trainer's NPO, which holds a reference model. Ours is measured up to the end of the training loop
    (the Trainer baseline saves no checkpoint either). Both methods run without a retain term (α=0), so
    they differ only in the forget loss and in how NPO gets its reference. Memory is the process's peak
-   RSS minus its RSS before the model was loaded (the libraries), so it measures what training adds.
+   RSS minus its RSS before the model was loaded (the libraries, the model's code included on both
+   sides), so it measures what training adds.
 
     .venv/bin/python bench/bench_unlearn.py [--steps 40] [--repeats 4] [--zero-stage 0] [--hidden 512]
         [--layers 8] [--no-packing]

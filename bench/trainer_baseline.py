@@ -23,6 +23,7 @@ from unlearning.data.tokenize import collate
 from unlearning.memory import peak_rss_mb, rss_mb
 from unlearning.methods import METHODS
 from unlearning.methods.logprobs import mean_token_nll, sequence_logprobs
+from unlearning.train.engine import import_model_code
 
 
 def build(job: dict[str, Any], out_dir: Path) -> tuple[Any, dict[str, int]]:
@@ -77,6 +78,7 @@ def build(job: dict[str, Any], out_dir: Path) -> tuple[Any, dict[str, int]]:
 
 def main(job_path: Path, out_path: Path) -> None:
     job = json.loads(job_path.read_text())
+    import_model_code(job["target"])  # as our ranks do, so both baselines hold the model's libraries
     rss_before_model = rss_mb()
     trainer, tokens = build(job, out_path.parent)
 

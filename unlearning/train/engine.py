@@ -141,6 +141,20 @@ def deepspeed_config(train: Any, world_size: int) -> dict[str, Any]:
     }
 
 
+def import_model_code(path: str | Path, *, trust_remote_code: bool = False) -> None:
+    """Import the modeling code of the causal LM at `path` (its config only, no weights).
+
+    A memory baseline taken afterwards holds the libraries the model runs on: transformers imports a
+    model's module, and what that pulls in (over 100 MB for Llama), only when the first model is built.
+    Models with remote code are left to load theirs with the weights.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    with contextlib.suppress(KeyError):
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+
 
 # --- DeepSpeed: everything below is the only ZeRO-specific code of the project. ---------------------
 

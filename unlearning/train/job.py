@@ -21,6 +21,7 @@ from typing import Any
 
 # Libraries the job needs anyway, imported before its baseline memory is measured (`rss_before_model_mb`),
 # so that the reported training memory holds model, optimizer, activations and data, not module imports.
+# The model's own module, which transformers imports only when it builds one, follows in `run`.
 import datasets  # noqa: F401
 import torch
 import torch.distributed as dist
@@ -171,7 +172,8 @@ def run(spec: dict[str, Any]) -> JobOutput:
     ckpt_dir = run_dir / "checkpoints"
     run_dir.mkdir(parents=True, exist_ok=True)
     place = ds.init_distributed()
-    rss_start_mb = rss_mb()  # now, not the peak: import spikes must not hide what training adds
+    ds.import_model_code(spec["target"], trust_remote_code=cfg.model.trust_remote_code)
+    rss_start_mb = rss_mb()  # the libraries, now (not the peak: import spikes must not hide what training adds)
     torch.manual_seed(cfg.seed)  # LoRA's initialisation, identical on every rank
 
     ds_config = ds.deepspeed_config(train, place.world)
