@@ -1,4 +1,4 @@
-"""The rank's memory baseline is taken after the model's code is imported (`import_model_code`)."""
+"""`import_model_code` imports a model's module from its config alone (the rank takes its memory baseline after it)."""
 
 import subprocess
 import sys
