@@ -48,8 +48,11 @@ class ClippedAdamW(torch.optim.AdamW):
 
     The clip coefficient reaches the fused kernel as its gradient divisor (`grad_scale`, the hook AMP
     uses to unscale gradients), so a step reads the gradients once for the norm and once in the update,
-    without the pass of `clip_grad_norm_` that rescales them all in place. The result is that of
-    `clip_grad_norm_` then AdamW, up to float rounding (a division instead of a multiplication).
+    without the pass of `clip_grad_norm_` that rescales them all in place. The kernel still writes the
+    unscaled gradients back (AMP's contract), so the saving is one read of the gradients: on a 26M-
+    parameter model on CPU, 24-31 ms a step against 31 ms for `clip_grad_norm_` then fused AdamW.
+    The result is that of `clip_grad_norm_` then AdamW, up to float rounding (a division instead of a
+    multiplication).
     """
 
     def __init__(self, params: Any, *, max_grad_norm: float, **hyper: Any):
