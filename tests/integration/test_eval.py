@@ -14,7 +14,7 @@ from unlearning.errors import UserError
 from unlearning.evaluate.naive import probe_split_naive
 from unlearning.evaluate.probes import Scores, probe_split
 from unlearning.evaluate.runner import evaluate
-from unlearning.models import tiny_llama
+from unlearning.models import load_causal_lm, tiny_llama
 
 
 def assert_scores_equal(a: Scores, b: Scores, tol: float = 1e-5) -> None:
@@ -75,7 +75,7 @@ def test_eval_stage_writes_eval_json_with_per_example_values_and_caches(built, p
     assert m_t["forget_probability"] > m_o["forget_probability"] + 0.3
     assert m_t["mia_loss_auc"] > 0.9 and m_t["forget_extraction_strength"] > m_o["forget_extraction_strength"]
     assert 0 <= m_t["forget_quality"] < 0.05
-    assert 0 < m_t["model_utility"] <= 1 and m_t["privleak"] > 0
+    assert 0 < m_t["model_utility"] <= 1 and m_t["privleak"] < -50  # MUSE sign: still recognised
     assert m_o["forget_quality"] is None and "oracle itself" in oracle["unavailable"]["forget_quality"]
     assert target["oracle"] == str(results["oracle"].path)
     # Rerunning reuses both files untouched.
@@ -103,3 +103,72 @@ def test_bad_checkpoint_paths_fail_before_any_model_is_loaded(pico, tmp_path):
         pico(eval={"models": ["targt"]})
     with pytest.raises(UserError, match=r"eval\.suite: unknown suite"):
         pico(eval={"suite": "tofo"})
+
+
+def _reference_scores(model, rows, tokenizer) -> dict[str, list[float]]:
+    """open-unlearning's per-item arithmetic, written out here one unpadded row at a time on the full logits
+    (src/evals/metrics/utils.py `evaluate_probability` and `tokenwise_*logprobs`, memorization.py, mia/*.py at
+    commit d3d7cf9): the answer positions are the labelled ones minus the last (the EOS); scores are oriented
+    as theirs (higher = non-member)."""
+    import zlib
+
+    out: dict[str, list[float]] = {k: [] for k in ("es", "em", "loss", "zlib", "min_k", "min_k_pp")}
+    with torch.no_grad():
+        for r in rows:
+            ids, labels = torch.tensor([r["input_ids"]]), torch.tensor(r["labels"])
+            logits = model(input_ids=ids).logits[0].float()
+            nll = torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction="sum")
+            avg_loss = float(nll) / int((labels != -100).sum())
+            vocab = torch.log_softmax(logits, -1)[:-1]
+            idx = (labels != -100).nonzero()[:, 0][:-1]
+            dist, labs = vocab[idx[0] - 1: idx[-1]], labels[idx]
+            target = dist.gather(-1, labs[:, None])[:, 0]
+            preds = dist.argmax(-1)
+            n = len(labs)
+            for k in range(n):
+                if torch.equal(preds[k:], labs[k:]):
+                    break
+            out["es"].append(1 - k / n)
+            out["em"].append(float((preds == labs).sum()) / n)
+            num_k = max(1, int(n * 0.4))
+            out["min_k"].append(-float(np.sort(target.numpy())[:num_k].mean()))
+            mu = (dist.exp() * dist).sum(-1)
+            var = ((dist.exp() * dist.square()).sum(-1) - mu.square()).clamp(min=1e-6)
+            z = ((target - mu) / var.sqrt()).numpy()
+            out["min_k_pp"].append(-float(np.sort(z)[:num_k].mean()))
+            out["loss"].append(avg_loss)
+            text = tokenizer.decode(labels[labels != -100].tolist(), skip_special_tokens=True)
+            out["zlib"].append(avg_loss / len(zlib.compress(text.encode("utf-8"))))
+    return out
+
+
+def _reference_auc(forget: list[float], holdout: list[float]) -> float:
+    """roc_auc_score with the forget set labelled 0 and the holdout 1 (mia/utils.py L60-69), by pair counting."""
+    pairs = [(h > f) + 0.5 * (h == f) for f in forget for h in holdout]
+    return float(np.mean(pairs))
+
+
+def test_memorisation_and_membership_metrics_equal_open_unlearnings_arithmetic(built):
+    """On the pico target and oracle, every memorisation and MIA value of eval.json equals open-unlearning's
+    arithmetic on the same model and tokens (unbatched, full logits), per item to 1e-4; PrivLeak follows from
+    the two AUCs as in its privacy.py."""
+    results = evaluate(built)
+    prepared = prepare(built)
+    tok, splits = prepared.tokenizer(), prepared.splits()
+    aucs = {}
+    for label in ("target", "oracle"):
+        model = load_causal_lm(results[label].path).eval()
+        ours = results[label].result
+        ref = {s: _reference_scores(model, list(splits[s]), tok) for s in ("forget", "holdout")}
+        np.testing.assert_allclose(ours["per_example"]["forget_extraction_strength"], ref["forget"]["es"], atol=1e-9)
+        np.testing.assert_allclose(ours["per_example"]["forget_exact_memorization"], ref["forget"]["em"], atol=1e-9)
+        for attack in ("loss", "zlib", "min_k", "min_k_pp"):
+            per = ours["per_example"][f"mia_{attack}_auc"]
+            np.testing.assert_allclose(per["members"], -np.array(ref["forget"][attack]), rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(per["nonmembers"], -np.array(ref["holdout"][attack]), rtol=1e-4, atol=1e-6)
+            expected = _reference_auc(ref["forget"][attack], ref["holdout"][attack])
+            assert ours["metrics"][f"mia_{attack}_auc"] == pytest.approx(expected, abs=1e-9), attack
+        aucs[label] = ours["metrics"]["mia_min_k_auc"]
+    score, ref_auc = 1 - aucs["target"], 1 - aucs["oracle"]
+    assert results["target"].metrics["privleak"] == pytest.approx((score - ref_auc) / (ref_auc + 1e-10) * 100)
+    assert results["target"].metrics["privleak"] < 0  # the target still recognises its forget set

@@ -34,10 +34,11 @@ def score_one(model: Any, input_ids: list[int], labels: list[int]) -> tuple[np.n
             (dist.argmax(-1) == answer).cpu().numpy())
 
 
-def score_each(model: Any, rows: Sequence[dict[str, Any]]) -> Scores:
+def score_each(model: Any, rows: Sequence[dict[str, Any]], eos_id: int) -> Scores:
     per = [score_one(model, list(r["input_ids"]), list(r["labels"])) for r in rows]
     return Scores(np.array([p[0].sum() for p in per]), np.array([len(p[0]) for p in per]), [p[0] for p in per],
-                  [p[1] for p in per], [p[2] for p in per], [p[3] for p in per])
+                  [p[1] for p in per], [p[2] for p in per], [p[3] for p in per],
+                  np.array([r["labels"][-1] == eos_id for r in rows]))
 
 
 @torch.no_grad()
@@ -62,13 +63,15 @@ def probe_split_naive(model: Any, rows: Sequence[dict[str, Any]], tokenizer: Any
         return generate_one(model, encode_prompt(tokenizer, template, q), tokenizer, max_new_tokens)
 
     n_pert = min(len(r["perturbed_answer"]) for r in rows)
+    eos = tokenizer.eos_token_id
     return SplitProbes(
-        answer=score_each(model, rows),
+        answer=score_each(model, rows, eos),
         answers=[r["answer"] for r in rows],
         generation=[gen(r["question"]) for r in rows] if generations else [],
-        paraphrased=score_each(model, [enc(r["question"], r["paraphrased_answer"]) for r in rows]),
-        perturbed=[score_each(model, [enc(r["question"], r["perturbed_answer"][j]) for r in rows])
+        paraphrased=score_each(model, [enc(r["question"], r["paraphrased_answer"]) for r in rows], eos),
+        perturbed=[score_each(model, [enc(r["question"], r["perturbed_answer"][j]) for r in rows], eos)
                    for j in range(n_pert)],
-        para_question=score_each(model, [enc(r["paraphrased_question"], r["answer"]) for r in rows]),
+        para_question=score_each(model, [enc(r["paraphrased_question"], r["answer"]) for r in rows], eos),
         para_generation=[gen(r["paraphrased_question"]) for r in rows] if generations else None,
+        label_texts=[tokenizer.decode([t for t in r["labels"] if t != -100], skip_special_tokens=True) for r in rows],
     )

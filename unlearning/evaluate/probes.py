@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from unlearning.data.tokenize import collate, encode_prompts, encode_qa_many
 from unlearning.methods.answers import answer_logprobs_of
-from unlearning.methods.logprobs import answer_distributions
+from unlearning.methods.logprobs import IGNORE_INDEX, answer_distributions
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,8 @@ class Scores:
         token_logp: N arrays (n_i,): log p of each answer token.
         token_mu, token_sigma: N arrays (n_i,): mean and std of log p under the next-token distribution.
         argmax_ok: N bool arrays (n_i,): the teacher-forced argmax equals the answer token.
+        last_eos: (N,) bool: the last answer token is the EOS the encoder appends (False only where the
+            answer was cut at `data.max_length`).
     """
 
     logp: np.ndarray
@@ -47,12 +49,18 @@ class Scores:
     token_mu: list[np.ndarray]
     token_sigma: list[np.ndarray]
     argmax_ok: list[np.ndarray]
+    last_eos: np.ndarray
 
     def take(self, idx: Sequence[int]) -> Scores:
         """The scores of sequences `idx`, in that order."""
         return Scores(self.logp[list(idx)], self.ntokens[list(idx)], [self.token_logp[i] for i in idx],
                       [self.token_mu[i] for i in idx], [self.token_sigma[i] for i in idx],
-                      [self.argmax_ok[i] for i in idx])
+                      [self.argmax_ok[i] for i in idx], self.last_eos[list(idx)])
+
+    def without_eos(self, name: str) -> list[np.ndarray]:
+        """The per-token arrays `name` (token_logp, token_mu, token_sigma, argmax_ok) without the final EOS
+        position: the answer's own tokens, which open-unlearning's memorisation and Min-K metrics score."""
+        return [a[:-1] if eos else a for a, eos in zip(getattr(self, name), self.last_eos, strict=True)]
 
     def probability(self) -> np.ndarray:
         """(N,) length-normalised answer probability p = exp(logπ(y|x) / |y|)."""
@@ -80,7 +88,7 @@ def _progress(total: int, desc: str, show: bool | None) -> Any:
 
 
 @torch.inference_mode()
-def score(model: Any, rows: Sequence[dict[str, Any]], *, pad_id: int, batch_size: int = 32,
+def score(model: Any, rows: Sequence[dict[str, Any]], *, pad_id: int, eos_id: int | None, batch_size: int = 32,
           show_progress: bool | None = None) -> Scores:
     """Teacher-forced `Scores` of encoded rows (`input_ids`, `labels`), in batches of similar length."""
     model.eval()
@@ -97,7 +105,14 @@ def score(model: Any, rows: Sequence[dict[str, Any]], *, pad_id: int, batch_size
             bar.update(len(idx))
     token_logp, mu, sigma, ok = (list(col) for col in zip(*per_row, strict=True)) if rows else ([], [], [], [])
     return Scores(np.array([t.sum() for t in token_logp], dtype=np.float64),
-                  np.array([len(t) for t in token_logp], dtype=np.int64), token_logp, mu, sigma, ok)
+                  np.array([len(t) for t in token_logp], dtype=np.int64), token_logp, mu, sigma, ok,
+                  ends_with_eos(rows, eos_id))
+
+
+def ends_with_eos(rows: Sequence[dict[str, Any]], eos_id: int | None) -> np.ndarray:
+    """(N,) whether each row's last label is the EOS token (rows are unpadded, so it is the last answer token)."""
+    return np.array([eos_id is not None and bool(r["labels"]) and r["labels"][-1] == eos_id for r in rows],
+                    dtype=bool)
 
 
 @torch.inference_mode()
@@ -136,12 +151,14 @@ class SplitProbes:
 
     Attributes:
         answer: scores of the answer given the question.
-        answers: the answer texts (references for ROUGE; the text ZLib compresses).
+        answers: the answer texts (references for ROUGE and KnowMem).
         generation: greedy answers to the questions.
         paraphrased: scores of the paraphrased answer given the question, or None without paraphrases.
         perturbed: P scores of the perturbed (wrong) answers given the question, or None.
         para_question: scores of the answer given the paraphrased question, or None.
         para_generation: greedy answers to the paraphrased questions, or None.
+        label_texts: the labelled tokens of each answer decoded without special tokens, as the template
+            renders them (" Drulzeath."): the text ZLib compresses, as open-unlearning does.
     """
 
     answer: Scores
@@ -151,6 +168,7 @@ class SplitProbes:
     perturbed: list[Scores] | None = None
     para_question: Scores | None = None
     para_generation: list[str] | None = None
+    label_texts: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.answers)
@@ -200,7 +218,8 @@ def probe_split(model: Any, rows: Sequence[dict[str, Any]], tokenizer: Any, temp
                 show_progress: bool | None = None) -> SplitProbes:
     """Run every probe of one split: one scoring pass over its distinct sequences, then generation."""
     seqs, plan = split_requests(rows, tokenizer, template, max_length)
-    scores = score(model, seqs, pad_id=tokenizer.pad_token_id, batch_size=batch_size, show_progress=show_progress)
+    scores = score(model, seqs, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, batch_size=batch_size,
+                   show_progress=show_progress)
 
     def gen(questions: list[str]) -> list[str]:
         prompts = encode_prompts(tokenizer, template, questions)
@@ -216,7 +235,15 @@ def probe_split(model: Any, rows: Sequence[dict[str, Any]], tokenizer: Any, temp
         perturbed=[scores.take(ix) for ix in plan["perturbed"]] if plan["perturbed"] is not None else None,
         para_question=scores.take(plan["para_question"]) if para_q else None,
         para_generation=gen([r["paraphrased_question"] for r in rows]) if generations and para_q else None,
+        label_texts=label_texts(tokenizer, rows),
     )
+
+
+def label_texts(tokenizer: Any, rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Each row's labelled tokens decoded with special tokens skipped (open-unlearning's
+    `extract_target_texts_from_processed_data`, src/evals/metrics/utils.py)."""
+    return tokenizer.batch_decode([[t for t in r["labels"] if t != IGNORE_INDEX] for r in rows],
+                                  skip_special_tokens=True)
 
 
 @torch.no_grad()

@@ -13,8 +13,11 @@ Output per model: `<output_dir>/eval/<label>-<key>/eval.json` with
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,18 +31,32 @@ from unlearning.evaluate.probes import SplitProbes, probe_split
 from unlearning.evaluate.suites import get_suite
 from unlearning.models import load_causal_lm, model_identity
 
-EVAL_VERSION = 1  # bump when probes or metrics change, so cached evaluations are not trusted
+EVAL_VERSION = 2  # bump when the evaluation's inputs change meaning; the metric code itself is hashed below
 
 CONVENTIONS = {
-    "probability": "length-normalised p = exp(logπ(y|x)/|y|) over answer tokens; utility sets (real_authors, "
-                   "world_facts): p_true / (p_true + Σ p_perturbed)",
-    "truth_ratio": "TR = geometric mean of p(perturbed) / p(paraphrased); forget: mean min(TR, 1/TR); other "
-                   "splits: mean max(0, 1 − TR); per-example values are the raw TR",
-    "forget_quality": "two-sided two-sample KS p-value of per-item forget TR, model vs retain oracle",
-    "model_utility": "harmonic mean of probability, ROUGE-L recall and truth ratio on retain and utility sets",
-    "mia": "ROC AUC, forget (members) vs holdout (non-members), scores oriented higher = member; k = 40 %",
-    "privleak": "(AUC_model − AUC_oracle) / AUC_oracle × 100 on the Min-K% attack (MUSE convention)",
+    "probability": "length-normalised p = exp(logπ(y|x)/|y|) over answer tokens incl. EOS; utility sets (no "
+                   "paraphrase, perturbed answers): p_true / (p_true + Σ p_perturbed) (TOFU)",
+    "rouge": "ROUGE-L recall, stemmed, greedy answer vs the answer (TOFU)",
+    "truth_ratio": "TR = geometric mean of p(perturbed) / p(paraphrased answer), or / p(answer) on splits without "
+                   "paraphrases; forget: mean min(TR, 1/TR); other splits: mean max(0, 1 − TR); per-example values "
+                   "are the raw TR (TOFU)",
+    "forget_quality": "two-sided two-sample KS p-value of per-item forget TR, model vs retain oracle (TOFU)",
+    "model_utility": "harmonic mean of probability, ROUGE-L recall and truth ratio on retain and utility sets (TOFU)",
+    "memorization": "extraction strength and exact memorization over answer tokens without EOS; ES of an item whose "
+                    "last token is wrong is 1/n (open-unlearning)",
+    "mia": "ROC AUC, forget (members) vs holdout (non-members); LOSS: mean NLL incl. EOS; ZLib: that / zlib length "
+           "of the decoded answer labels; Min-K% and Min-K%++: floor(k·n) ≥ 1 lowest of the answer tokens without "
+           "EOS, k = 40 %, variance clamped at 1e-6 (open-unlearning)",
+    "privleak": "((1 − A) − (1 − A_oracle)) / (1 − A_oracle) × 100, A the Min-K% AUC (MUSE, open-unlearning)",
 }
+
+
+@functools.cache
+def definitions_hash() -> str:
+    """A hash of the code that defines every probe and metric: a changed definition invalidates cached evaluations."""
+    from unlearning.evaluate import metrics, probes, suites
+
+    return content_hash(*(inspect.getsource(m) for m in (metrics, probes, suites)))
 
 
 @dataclass(frozen=True)
@@ -114,9 +131,11 @@ def evaluate_checkpoint(path: Path, prepared: PreparedData, cfg: ExperimentConfi
 
 def eval_key(path: Path, prepared: PreparedData, cfg: ExperimentConfig, oracle: ModelEval | None) -> str:
     """Everything one evaluation depends on (the name of its eval directory and its cache key)."""
-    settings = cfg.eval.model_dump(exclude={"models"})
-    return content_hash(EVAL_VERSION, model_identity(path), prepared.fingerprint, settings,
-                        cfg.data.template.model_dump(), cfg.model.dtype, oracle.result["identity"] if oracle else None)
+    settings = cfg.eval.model_dump(exclude={"models", "snapshots"})  # what is evaluated, not how
+    suite = get_suite(cfg.eval.suite)
+    return content_hash(EVAL_VERSION, definitions_hash(), suite.metrics, suite.generations, model_identity(path),
+                        prepared.fingerprint, settings, cfg.data.template.model_dump(), cfg.model.dtype,
+                        oracle.result["identity"] if oracle else None)
 
 
 def evaluate_model(path: Path, prepared: PreparedData, cfg: ExperimentConfig, *, label: str,
