@@ -71,20 +71,42 @@ class TokenizerConfig(Strict):
     vocab_size: int = Field(1024, ge=300, description="vocabulary of the locally trained tokenizer")
 
 
+BUILTIN_PREFIX = "builtin:"
+GENERATED_SPLITS = ("forget", "retain", "holdout", "world_facts")  # what source=synthetic generates
+
+
+def is_file_spec(spec: str) -> bool:
+    """Whether a `data.splits` entry names a file (JSONL/CSV/Parquet, or a packaged `builtin:` set) rather than a
+    config of a `datasets` source."""
+    return spec.startswith(BUILTIN_PREFIX) or Path(spec).suffix.lower() in FILE_SUFFIXES
+
+
 class DataConfig(Strict):
     source: Literal["synthetic", "hf", "files"] = "synthetic"
     path: str | None = Field(None, description="source=hf: a hub dataset name or a local dataset path")
     splits: dict[str, str] = Field(
         default_factory=dict,
-        description="split -> 'config' or 'config:split' (source=hf), or a JSONL/CSV/Parquet path (files)",
-    )
-    columns: dict[str, str] = Field(default_factory=dict, description="our column -> the source's column")
-    forget_fraction: Fraction = 0.1
-    holdout_fraction: Fraction = 0.1
+        description="split -> 'config' or 'config:split' (source=hf), a JSONL/CSV/Parquet path, or a packaged set "
+                    "('builtin:tofu/real_authors', 'builtin:tofu/world_facts'); with source=synthetic, extra "
+                    "evaluation splits beside the generated forget/retain/holdout/world_facts")
+    columns: dict[str, str | dict[str, str]] = Field(
+        default_factory=dict, description="our column -> the source's column, for every split; or split -> "
+                                          "{our column: the source's column} for one split (both may be given)")
+    forget_fraction: Fraction = Field(0.1, description="source=synthetic: share of the people to forget")
+    holdout_fraction: Fraction = Field(0.1, description="source=synthetic: share of the people held out (never "
+                                       "trained on: the non-members of membership inference)")
     synthetic: SyntheticData = Field(default_factory=SyntheticData)
     template: Template = Field(default_factory=Template)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     max_length: int = Field(128, ge=8)
+    seed: int | None = Field(None, description="seed of the synthetic generator's people and splits; default: the "
+                             "experiment's seed. `seeds` repeats the training at each seed on this same data")
+
+    def columns_for(self, split: str) -> dict[str, str]:
+        """The column mapping of one split: the mapping for every split, then that split's own."""
+        shared = {k: v for k, v in self.columns.items() if isinstance(v, str)}
+        own = self.columns.get(split)
+        return {**shared, **(own if isinstance(own, dict) else {})}
 
     @pydantic.model_validator(mode="after")
     def _check_source(self) -> DataConfig:
@@ -93,19 +115,42 @@ class DataConfig(Strict):
             problems.append("forget_fraction + holdout_fraction must be < 1 to leave people to retain")
         if self.source == "hf" and not self.path:
             problems.append("source=hf needs data.path (a hub dataset name or a local dataset directory)")
+        if self.source != "hf" and self.path:
+            problems.append(f"data.path is read by source=hf only, and source is {self.source}; remove data.path, "
+                            "or name files in data.splits")
+        if self.source != "synthetic":
+            unused = sorted({"synthetic", "forget_fraction", "holdout_fraction"} & self.model_fields_set)
+            if unused:
+                problems.append(f"data.{', data.'.join(unused)}: read by source=synthetic only, and source is "
+                                f"{self.source} (its splits come from data.splits); remove them")
         if self.source in ("hf", "files"):
             missing = [s for s in ("forget", "retain") if s not in self.splits]
             if missing:
                 problems.append(f"source={self.source} needs data.splits.{{forget,retain}}; missing: {missing}")
-        if self.source == "files":
-            for split, spec in self.splits.items():
-                if Path(spec).suffix.lower() not in FILE_SUFFIXES:
-                    problems.append(
-                        f"splits.{split}: {spec!r} is not one of {sorted(FILE_SUFFIXES)}; convert it or rename"
-                    )
-        unknown = sorted(set(self.columns) - {*QA_COLUMNS, "entity"})
-        if unknown:
-            problems.append(f"columns: unknown {unknown}; map any of {[*QA_COLUMNS, 'entity']}")
+        generated = sorted(set(self.splits) & set(GENERATED_SPLITS))
+        if self.source == "synthetic" and generated:
+            problems.append(f"data.splits.{generated[0]}: source=synthetic generates {', '.join(GENERATED_SPLITS)} "
+                            "itself; name other splits here (extra evaluation sets), or use source=files to bring "
+                            "your own forget/retain data")
+        for split, spec in self.splits.items():
+            if self.source != "hf" and not is_file_spec(spec):
+                problems.append(f"splits.{split}: {spec!r} is not one of {sorted(FILE_SUFFIXES)} nor a builtin: set; "
+                                "convert it or rename")
+        ours = {*QA_COLUMNS, "entity"}
+        for key, value in self.columns.items():
+            if isinstance(value, dict):
+                if key not in self.splits and key not in GENERATED_SPLITS:
+                    problems.append(f"columns.{key}: not a split of data.splits ({', '.join(self.splits) or 'none'}) "
+                                    f"nor a column to map ({', '.join(sorted(ours))})")
+                unknown = sorted(set(value) - ours)
+                if unknown:
+                    problems.append(f"columns.{key}: unknown {unknown}; map any of {[*QA_COLUMNS, 'entity']}")
+            elif key not in ours:
+                problems.append(f"columns: unknown {[key]}; map any of {[*QA_COLUMNS, 'entity']}, or give a split "
+                                "its own mapping as columns.<split>.<column>")
+        if self.source == "synthetic" and self.columns and not self.splits:
+            problems.append("data.columns maps the columns of data.splits files, and source=synthetic names none; "
+                            "remove it")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -336,7 +381,11 @@ class SequenceConfig(Strict):
 
 class ExperimentConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    seed: int = 0
+    seed: int = Field(0, description="seed of model initialisation, data order and sampling (and of the data, unless "
+                      "data.seed is set)")
+    seeds: list[int] = Field(default_factory=list, description="repeat the whole run at each of these seeds, each "
+                             "with its own target, oracle and unlearning runs, on the data of data.seed (default: "
+                             "`seed`); the report gives the median and range over seeds")
     output_dir: str | None = Field(None, description="default: runs/<name>")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -354,6 +403,18 @@ class ExperimentConfig(Strict):
     @property
     def out(self) -> Path:
         return Path(self.output_dir or f"runs/{self.name}")
+
+    @property
+    def data_seed(self) -> int:
+        """The seed the data is generated and split with."""
+        return self.seed if self.data.seed is None else self.data.seed
+
+    @pydantic.field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds repeat in {v}; list each seed once")
+        return v
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

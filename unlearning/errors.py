@@ -5,6 +5,8 @@ A `UserError` is bad input the user can fix: the CLI prints its lines and exits 
 
 from __future__ import annotations
 
+import sys
+
 
 class UserError(Exception):
     """One or more actionable problems with the user's input, collected before any expensive work.
@@ -22,3 +24,8 @@ def raise_if(problems: list[str]) -> None:
     """Raise a `UserError` holding every collected problem, if there is any."""
     if problems:
         raise UserError(problems)
+
+
+def warn(message: str) -> None:
+    """A problem that does not stop the run, printed once as a `warning:` line on stderr."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -27,10 +27,12 @@ from unlearning.data.prepare import derive, prepare
 from unlearning.errors import UserError, raise_if
 from unlearning.evaluate.metrics import ks_pvalue
 from unlearning.evaluate.runner import evaluate_model
+from unlearning.evaluate.suites import SUITES, get_suite
 from unlearning.models import build_models, model_identity
 from unlearning.unlearn import data_problems, launch_problems, unlearn
 
 PER_REQUEST = ("forget_probability", "forget_rouge", "forget_truth_ratio")
+LEDGER_METRICS = ("probability", "truth_ratio", "model_utility")  # what the ledger reads from each evaluation
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,16 @@ def sequence(cfg: ExperimentConfig, on_request: Callable[[dict[str, Any]], None]
         raise UserError(f"unlearn sequence applies one method, and the config lists {len(runs)} ({', '.join(runs)}); "
                         "keep one `methods` entry, or set method.name")
     label, run = next(iter(runs.items()))
+    missing = [m for m in LEDGER_METRICS if m not in get_suite(run.eval.suite).metrics]
+    if missing:
+        raise UserError(f"unlearn sequence records {', '.join(LEDGER_METRICS)} after each request, and eval.suite="
+                        f"{run.eval.suite} lacks {', '.join(missing)}; use a suite that has them: "
+                        f"{', '.join(s for s, suite in SUITES.items() if set(LEDGER_METRICS) <= set(suite.metrics))}")
+    if "forget" in run.eval.max_items:
+        raise UserError("unlearn sequence reads each request's forget items from the evaluation; remove "
+                        "eval.max_items.forget")
+    if cfg.seeds:
+        raise UserError("unlearn sequence runs one seed; remove `seeds` (or run it once per seed with seed=N)")
     raise_if(launch_problems(run))
     prepared = prepare(run)
     forget = prepared.splits()["forget"]

@@ -99,3 +99,15 @@ def test_base_model_from_pretrained_is_fine_tuned_with_its_own_tokenizer(pico, t
     tuned = load_causal_lm(built.target).state_dict()
     assert set(tuned) == set(start)
     assert any(not torch.equal(tuned[k], start[k]) for k in start)
+
+
+def test_prompts_that_leave_no_room_for_the_answer_fail_and_cut_answers_warn(pico, capsys):
+    """Paraphrased questions are prompts too: each is checked. An answer cut at max_length loses its EOS: a
+    warning with the count, recorded in fingerprint.json."""
+    with pytest.raises(UserError, match=r"prompts are at least data.max_length=12 tokens long, leaving no room for "
+                                        r"the answer .*raise data.max_length above"):
+        prepare(pico(data={"max_length": 12}))
+    prepared = prepare(pico(data={"max_length": 42, "synthetic": {"num_entities": 12, "facts_per_entity": 4,
+                                                                   "answer_style": "sentence", "num_utility": 6}}))
+    assert prepared.info()["truncated_answers"] > 0
+    assert "answers are cut at data.max_length=42 tokens and lose their EOS" in capsys.readouterr().err

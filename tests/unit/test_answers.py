@@ -88,3 +88,26 @@ def test_a_model_that_ignores_them_falls_back_to_the_plain_path(model):
     with torch.no_grad():
         torch.testing.assert_close(answer_logprobs_of(wrapped, batch).logp, full(model, batch).logp,
                                    atol=1e-5, rtol=1e-5)
+
+
+class FailsWhenAskedToKeep(torch.nn.Module):
+    """A model whose forward fails in the kept-logits layout with `error`: unsupported, or a real failure."""
+
+    def __init__(self, inner, error: Exception):
+        super().__init__()
+        self.inner, self.config, self.error = inner, inner.config, error
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None, logits_to_keep=None):
+        if logits_to_keep is not None:
+            raise self.error
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+
+def test_the_probe_falls_back_on_unsupported_layouts_but_never_hides_a_real_failure(model):
+    """A shape error in the kept layout means "unsupported" (fall back); an out-of-memory or process-group error
+    is a failure of the run and must propagate, not turn into a silent fallback."""
+    assert not layouts(FailsWhenAskedToKeep(model, RuntimeError("The size of tensor a (6) must match"))).keep
+    with pytest.raises(torch.OutOfMemoryError):
+        layouts(FailsWhenAskedToKeep(model, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")))
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        layouts(FailsWhenAskedToKeep(model, RuntimeError("DefaultCPUAllocator: can't allocate memory")))

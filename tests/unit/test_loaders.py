@@ -106,3 +106,61 @@ def test_forget_retain_overlap_and_empty_forget_are_rejected(tmp_path):
         "forget": str(tmp_path / "empty.jsonl"), "retain": str(tmp_path / "r.jsonl")}}})
     with pytest.raises(UserError, match=r"data.splits.forget: file .*empty.jsonl' has no rows"):
         load_records(cfg)
+
+
+def test_the_synthetic_source_takes_extra_evaluation_splits_such_as_tofus_real_sets(tmp_path):
+    """TOFU's real_authors / world_facts files ship in the package (with their licence) and load beside the
+    generated splits; they have perturbed but no paraphrased answers."""
+    cfg = validate_config({"name": "s", "data": {"synthetic": {"num_entities": 12, "facts_per_entity": 2},
+                                                 "forget_fraction": 0.25, "holdout_fraction": 0.25, "splits": {
+                                                     "real_authors": "builtin:tofu/real_authors",
+                                                     "real_world": "builtin:tofu/world_facts"}}})
+    records = load_records(cfg)
+    assert {"forget", "retain", "holdout", "world_facts", "real_authors", "real_world"} == set(records)
+    assert len(records["real_authors"]) == 100 and len(records["real_world"]) == 117
+    first = records["real_authors"][0]
+    assert first["answer"] == "William Shakespeare" and len(first["perturbed_answer"]) == 3
+    assert "paraphrased_answer" not in first
+    with pytest.raises(UserError, match="unknown packaged set 'builtin:tofu/nope'; available: builtin:tofu/real_"):
+        load_records(validate_config({"name": "s", "data": {"splits": {"x": "builtin:tofu/nope"}}}))
+
+
+def test_a_mapped_column_a_split_lacks_is_an_error_and_mappings_can_be_per_split(tmp_path):
+    forget = [{**r, "para": r["a"]} for r in ROWS["forget"]]
+    write(pd.DataFrame(forget), tmp_path / "f.jsonl")
+    write(pd.DataFrame(ROWS["retain"]), tmp_path / "r.jsonl")
+    splits = {"forget": str(tmp_path / "f.jsonl"), "retain": str(tmp_path / "r.jsonl")}
+    shared = {**MAPPING, "paraphrased_answer": "para"}
+    cfg = validate_config({"name": "f", "data": {"source": "files", "splits": splits, "columns": shared}})
+    with pytest.raises(UserError, match=r"data.columns maps paraphrased_answer to 'para', which split 'retain' "
+                                        r"lacks .*data.columns.<split>.paraphrased_answer=para"):
+        load_records(cfg)
+    per_split = {**MAPPING, "forget": {"paraphrased_answer": "para"}}
+    records = load_records(validate_config({"name": "f", "data": {"source": "files", "splits": splits,
+                                                                  "columns": per_split}}))
+    assert records["forget"][0]["paraphrased_answer"] == "F0 is a poet."
+    assert "paraphrased_answer" not in records["retain"][0]
+
+
+@pytest.mark.parametrize(("answer", "message"), [
+    (None, "row 2: the answer ('a') is empty or missing"), (float("nan"), "row 2: the answer ('a') is empty"),
+    ("  ", "row 2: the answer ('a') is empty"), ([1, 2], "row 2: the answer ('a') is list '[1, 2]', not text"),
+    (True, "row 2: the answer ('a') is bool 'True', not text")])
+def test_empty_or_non_text_cells_name_the_row(tmp_path, answer, message):
+    rows = [dict(r) for r in ROWS["forget"]]
+    rows[1]["a"] = answer
+    (tmp_path / "f.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    write(pd.DataFrame(ROWS["retain"]), tmp_path / "r.jsonl")
+    cfg = validate_config({"name": "f", "data": {"source": "files", "columns": MAPPING, "splits": {
+        "forget": str(tmp_path / "f.jsonl"), "retain": str(tmp_path / "r.jsonl")}}})
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        load_records(cfg)
+
+
+def test_numbers_read_by_a_csv_reader_are_kept_as_text(tmp_path):
+    write(pd.DataFrame([{"q": f"When did F{i} debut?", "a": 1984 + i} for i in range(3)]), tmp_path / "f.csv")
+    write(pd.DataFrame([{"q": f"When did R{i} debut?", "a": 1990 + i} for i in range(3)]), tmp_path / "r.csv")
+    cfg = validate_config({"name": "f", "data": {"source": "files", "columns": {"question": "q", "answer": "a"},
+                                                 "splits": {"forget": str(tmp_path / "f.csv"),
+                                                            "retain": str(tmp_path / "r.csv")}}})
+    assert load_records(cfg)["forget"][1]["answer"] == "1985"

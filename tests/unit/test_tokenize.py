@@ -77,3 +77,9 @@ def test_chat_template_prompt_is_masked(tok):
     n_prompt = enc["labels"].count(IGNORE_INDEX)
     assert tok.decode(enc["input_ids"][:n_prompt]).endswith("[assistant]")
     assert tok.decode(enc["input_ids"][n_prompt:-1]) == " Drulzeath."
+
+
+def test_a_prompt_that_leaves_no_answer_token_is_an_error_not_a_probability_of_one(tok):
+    """Cut to the limit, the answer would have no token: its length-normalised probability exp(0/0) = 1."""
+    with pytest.raises(UserError, match=r"leaving no answer token to score; raise data.max_length"):
+        encode_qa(tok, Template(), "Where was Ada Vorn born? " * 4, "Drulzeath.", max_length=12)

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from unlearning.config import FILE_SUFFIXES, QA_COLUMNS, DataConfig, ExperimentConfig
+from unlearning.config import BUILTIN_PREFIX, FILE_SUFFIXES, QA_COLUMNS, DataConfig, ExperimentConfig, is_file_spec
 from unlearning.data import synthetic
 from unlearning.errors import UserError, raise_if
 
@@ -36,12 +36,31 @@ def _hf_split(path: str, spec: str) -> Any:
         ) from e
 
 
+BUILTIN_DIR = Path(__file__).parent
+BUILTIN_SETS = {  # name -> file shipped in the package, with its licence beside it
+    "tofu/real_authors": "tofu/real_authors_perturbed.json",
+    "tofu/world_facts": "tofu/world_facts_perturbed.json",
+}
+
+
+def resolve_file(spec: str) -> Path:
+    """The file a `data.splits` entry names: a path, or a packaged `builtin:` set."""
+    if not spec.startswith(BUILTIN_PREFIX):
+        return Path(spec)
+    name = spec.removeprefix(BUILTIN_PREFIX)
+    if name not in BUILTIN_SETS:
+        raise UserError(f"data.splits: unknown packaged set {spec!r}; available: "
+                        f"{', '.join(BUILTIN_PREFIX + n for n in BUILTIN_SETS)}")
+    return BUILTIN_DIR / BUILTIN_SETS[name]
+
+
 def _file_split(spec: str) -> Any:
     import datasets
 
-    builder = FILE_SUFFIXES[Path(spec).suffix.lower()]
+    path = resolve_file(spec)
+    builder = FILE_SUFFIXES[path.suffix.lower()]
     try:
-        return datasets.load_dataset(builder, data_files=spec, split="train")
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as e:
         raise UserError(f"data.splits: could not read {spec!r} as {builder}: {type(e).__name__}: {e}") from e
 
@@ -61,8 +80,24 @@ def _as_list(value: Any) -> list[str]:
     return [str(v) for v in value]
 
 
+def _blank(value: Any) -> bool:
+    """None, NaN (how CSV and Parquet readers give an empty cell) or whitespace only."""
+    nan = isinstance(value, float) and value != value
+    return value is None or nan or (isinstance(value, str) and not value.strip())
+
+
+def _text(value: Any) -> str | None:
+    """A cell as text: strings as they are, numbers (a CSV reads years as integers) written out; None otherwise."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
 def normalize(rows: list[dict[str, Any]], columns: dict[str, str], split: str) -> list[dict[str, Any]]:
-    """Rename the source's columns to ours and check the required ones are present and non-empty."""
+    """Rename the source's columns to ours and check them: the required ones present and non-empty in every row,
+    every explicitly mapped one present in the split, text where text is expected."""
     if not rows:
         return []
     available = sorted(rows[0])
@@ -72,17 +107,35 @@ def normalize(rows: list[dict[str, Any]], columns: dict[str, str], split: str) -
         if theirs not in rows[0]:
             problems.append(f"split {split!r} has no column {theirs!r} for {ours!r}; available: {available}; "
                             f"map it with data.columns.{ours}=<column>")
+    for ours, theirs in columns.items():
+        if ours not in REQUIRED_COLUMNS and theirs not in rows[0]:
+            problems.append(f"data.columns maps {ours} to {theirs!r}, which split {split!r} lacks (available: "
+                            f"{available}); map it only for the splits that have it: "
+                            f"data.columns.<split>.{ours}={theirs}")
     raise_if(problems)
     out = []
     for i, row in enumerate(rows):
         rec: dict[str, Any] = {}
         for ours in (*QA_COLUMNS, "entity"):
             theirs = columns.get(ours, ours)
-            if theirs in row and row[theirs] is not None:
-                rec[ours] = _as_list(row[theirs]) if ours == "perturbed_answer" else str(row[theirs])
-        if not rec["question"].strip() or not rec["answer"].strip():
-            raise UserError(f"split {split!r} row {i}: empty question or answer; remove or fill the row")
+            value = row.get(theirs)
+            if ours in REQUIRED_COLUMNS and _blank(value):
+                problems.append(f"split {split!r} row {i + 1}: the {ours} ({theirs!r}) is empty or missing; fill or "
+                                "remove the row")
+            elif _blank(value):
+                continue
+            elif ours == "perturbed_answer":
+                rec[ours] = _as_list(value)
+            elif (text := _text(value)) is None:
+                problems.append(f"split {split!r} row {i + 1}: the {ours} ({theirs!r}) is {type(value).__name__} "
+                                f"{str(value)[:40]!r}, not text; write it as a string")
+            else:
+                rec[ours] = text
         out.append(rec)
+        if len(problems) >= 10:
+            problems.append("(further rows not checked)")
+            break
+    raise_if(problems)
     return out
 
 
@@ -98,11 +151,11 @@ def _has_rows(path: Path) -> bool:
 
 def check_files(data: DataConfig) -> None:
     """Every file named in data.splits exists and has rows (checked before anything is loaded)."""
-    if data.source != "files":
-        return
     problems = []
     for split, spec in data.splits.items():
-        path = Path(spec)
+        if not is_file_spec(spec):
+            continue
+        path = resolve_file(spec)
         if not path.is_file():
             problems.append(f"data.splits.{split}: file {spec!r} not found")
         elif not _has_rows(path):
@@ -128,14 +181,13 @@ def check_overlap(splits: dict[str, list[dict[str, Any]]]) -> None:
 def load_records(cfg: ExperimentConfig) -> dict[str, list[dict[str, Any]]]:
     """The splits of the configured source, normalised and checked (non-empty forget, no overlap)."""
     data = cfg.data
+    check_files(data)
+    splits = {}
     if data.source == "synthetic":
-        splits = synthetic.generate(data.synthetic, data.forget_fraction, data.holdout_fraction, cfg.seed)
-    else:
-        check_files(data)
-        splits = {}
-        for split, spec in data.splits.items():
-            ds = _hf_split(data.path or "", spec) if data.source == "hf" else _file_split(spec)
-            splits[split] = normalize(ds.to_list(), data.columns, split)
+        splits = synthetic.generate(data.synthetic, data.forget_fraction, data.holdout_fraction, cfg.data_seed)
+    for split, spec in data.splits.items():  # with source=synthetic: extra evaluation splits
+        ds = _file_split(spec) if is_file_spec(spec) else _hf_split(data.path or "", spec)
+        splits[split] = normalize(ds.to_list(), data.columns_for(split), split)
     if not splits.get("forget"):
         raise UserError("the forget split is empty; point data.splits.forget at a non-empty split "
                         "or raise data.forget_fraction")

@@ -18,7 +18,7 @@ from typing import Any
 from unlearning.config import ExperimentConfig, content_hash
 from unlearning.data.loaders import load_records
 from unlearning.data.tokenize import encode_prompts, encode_qa_many, load_tokenizer, train_tokenizer
-from unlearning.errors import UserError
+from unlearning.errors import raise_if, warn
 
 FORMAT_VERSION = 1  # bump when the encoding changes, so old caches are not trusted
 
@@ -67,14 +67,37 @@ def _template_texts(cfg: ExperimentConfig) -> list[str]:
     return [cfg.data.template.prompt.format(question=""), cfg.data.template.answer.format(answer="")]
 
 
+def _prompt_problems(records: dict[str, list[dict[str, Any]]], tokenizer: Any, cfg: ExperimentConfig) -> list[str]:
+    """Every prompt an answer is scored after (questions and paraphrased questions) must leave room for at least
+    one answer token within data.max_length: a prompt cut to the limit would score an empty answer, p = exp(0)."""
+    tpl, max_len = cfg.data.template, cfg.data.max_length
+    questions = list(dict.fromkeys(q for rows in records.values() for r in rows
+                                   for q in (r["question"], r.get("paraphrased_question")) if q))
+    lengths = [len(ids) for ids in encode_prompts(tokenizer, tpl, questions)]
+    too_long = [(q, n) for q, n in zip(questions, lengths, strict=True) if n >= max_len]
+    if not too_long:
+        return []
+    longest = max(n for _, n in too_long)
+    return [f"{len(too_long)} prompts are at least data.max_length={max_len} tokens long, leaving no room for the "
+            f"answer (first: {too_long[0][0][:60]!r}, longest {longest} tokens); raise data.max_length above "
+            f"{longest}, or shorten the questions or the template"]
+
+
+def _truncation_warning(records: dict[str, list[dict[str, Any]]], tokenizer: Any, cfg: ExperimentConfig) -> int:
+    """Warn about QA pairs whose answer is cut at data.max_length (they lose their EOS); returns how many."""
+    tpl, max_len = cfg.data.template, cfg.data.max_length
+    pairs = [(r["question"], a) for rows in records.values() for r in rows
+             for a in (r["answer"], r.get("paraphrased_answer"), *r.get("perturbed_answer", [])) if a]
+    cut = [enc for enc in encode_qa_many(tokenizer, tpl, pairs, max_len) if enc["labels"][-1] != tokenizer.eos_token_id]
+    if cut:
+        warn(f"{len(cut)} of {len(pairs)} answers are cut at data.max_length={max_len} tokens and lose their EOS; "
+             "their probabilities score a prefix of the answer. Raise data.max_length to keep them whole")
+    return len(cut)
+
+
 def _encode(records: dict[str, list[dict[str, Any]]], tokenizer: Any, cfg: ExperimentConfig) -> dict[str, list]:
     tpl, max_len = cfg.data.template, cfg.data.max_length
-    questions = [r["question"] for rows in records.values() for r in rows]
-    too_long = [q for q, ids in zip(questions, encode_prompts(tokenizer, tpl, questions), strict=True)
-                if len(ids) >= max_len]
-    if too_long:
-        raise UserError(f"{len(too_long)} prompts are at least data.max_length={max_len} tokens long "
-                        f"(first: {too_long[0][:60]!r}); raise data.max_length or shorten the template")
+    raise_if(_prompt_problems(records, tokenizer, cfg))
     return {split: [{**r, **enc} for r, enc in zip(
         rows, encode_qa_many(tokenizer, tpl, [(r["question"], r["answer"]) for r in rows], max_len), strict=True)]
         for split, rows in records.items()}
@@ -92,7 +115,7 @@ def prepare(cfg: ExperimentConfig) -> PreparedData:
     else:
         tok_id = ("trained-bpe", cfg.data.tokenizer.vocab_size, records_hash)
     fingerprint = content_hash(FORMAT_VERSION, records_hash, tok_id, cfg.data.template.model_dump(),
-                               cfg.data.max_length, cfg.seed)
+                               cfg.data.max_length, cfg.data_seed)
     out = cfg.out / "data" / fingerprint
     if (out / "fingerprint.json").is_file():
         return PreparedData(out, fingerprint)
@@ -101,14 +124,16 @@ def prepare(cfg: ExperimentConfig) -> PreparedData:
         texts = _texts(records)
         tokenizer = train_tokenizer(texts + _template_texts(cfg) * (len(texts) // 5), cfg.data.tokenizer.vocab_size)
     encoded = _encode(records, tokenizer, cfg)
+    truncated = _truncation_warning(records, tokenizer, cfg)
     _write(out, encoded, tokenizer, {
         "fingerprint": fingerprint,
         "source": cfg.data.source,
         "data": cfg.data.model_dump(mode="json"),
         "tokenizer": list(tok_id),
-        "seed": cfg.seed,
+        "seed": cfg.data_seed,
         "counts": {split: len(rows) for split, rows in encoded.items()},
         "entities": {split: len({r.get("entity") for r in rows} - {None}) for split, rows in encoded.items()},
+        "truncated_answers": truncated,
     })
     return PreparedData(out, fingerprint)
 

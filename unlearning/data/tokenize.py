@@ -97,6 +97,9 @@ def encode_qa_many(tokenizer: Any, template: Template, pairs: Sequence[tuple[str
     for (q, _), answer in zip(pairs, answers, strict=True):
         answer_ids = [*answer, tokenizer.eos_token_id]
         prompt = prompts[q]
+        if len(prompt) >= max_length:
+            raise UserError(f"the prompt of {q[:60]!r} takes {len(prompt)} tokens, at least data.max_length="
+                            f"{max_length}, leaving no answer token to score; raise data.max_length or shorten it")
         ids = (prompt + answer_ids)[:max_length]
         labels = ([IGNORE_INDEX] * len(prompt) + answer_ids)[:max_length]
         out.append({"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)})

@@ -70,11 +70,24 @@ def _probe(model: Any) -> Layouts:
 def _agrees(run: Any, expected: torch.Tensor, tol: float) -> bool:
     try:
         got = run()
-    except (TypeError, ValueError, IndexError, RuntimeError):  # a forward without the argument, or another use
+    except RuntimeError as e:
+        if _is_fatal(e):  # a real failure, whatever the layout: never read it as "unsupported"
+            raise
+        return False  # e.g. shapes a model's code cannot take in this layout
+    except (TypeError, ValueError, IndexError):  # a forward without the argument, or another use of it
         return False
     got = got.reshape(-1, got.shape[-1])
     return got.shape == expected.shape and bool(
         (F.log_softmax(got.float(), -1) - expected).abs().max() <= tol)
+
+
+def _is_fatal(error: RuntimeError) -> bool:
+    """Errors of the device or the process group, which a fallback to the plain layout would hide."""
+    import torch.distributed as dist
+
+    text = str(error).lower()
+    return isinstance(error, torch.OutOfMemoryError | dist.DistError) or any(
+        sign in text for sign in ("out of memory", "can't allocate memory", "cuda error"))
 
 
 def answer_logprobs_of(model: Any, batch: dict[str, torch.Tensor], *, pack: bool = True) -> SequenceLogProbs:
