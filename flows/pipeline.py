@@ -37,12 +37,21 @@ from unlearning.config import (
     check_method_overrides,
     content_hash,
     method_runs,
+    seed_runs,
     validate_config,
 )
 from unlearning.errors import UserError, raise_if
-from unlearning.evaluate.report import best_model, results_table, tradeoff_plot
+from unlearning.evaluate.report import (
+    best_model,
+    medians,
+    noise_floor,
+    report_markdown,
+    results_table,
+    summarise,
+    tradeoff_plot,
+)
 from unlearning.evaluate.runner import eval_key
-from unlearning.merge.stage import finetune_config
+from unlearning.merge.stage import finetune_config, training_jobs
 from unlearning.models import model_identity
 from unlearning.tracking import NullTracker, flatten, tracker_for, ui_command
 from unlearning.unlearn import run_key
@@ -58,6 +67,11 @@ def _unlearn(cfg: ExperimentConfig, prepared: stages.PreparedData, built: stages
     return stages.unlearn(cfg)
 
 
+def _train(runs: dict[str, ExperimentConfig], prepared: stages.PreparedData, built: stages.BuiltModels
+           ) -> dict[str, stages.Unlearned]:
+    return stages.unlearn_many(runs)
+
+
 def _merge(cfg: ExperimentConfig, prepared: stages.PreparedData, built: stages.BuiltModels) -> stages.Merged:
     return stages.merge(cfg)
 
@@ -70,6 +84,7 @@ def _evaluate(cfg: ExperimentConfig, prepared: stages.PreparedData, label: str, 
 prepare_task = task(name="prepare")(stages.prepare)
 build_task = task(name="build-models")(_build)
 unlearn_task = task(name="unlearn")(_unlearn)
+train_task = task(name="train")(_train)
 merge_task = task(name="merge")(_merge)
 evaluate_task = task(name="evaluate")(_evaluate)
 
@@ -104,6 +119,12 @@ def unlearn_key(_: Any, p: dict[str, Any]) -> str:
     return _key("unlearn", cfg, run_key(cfg, str(p["built"].target), p["prepared"]))
 
 
+def train_key(_: Any, p: dict[str, Any]) -> str:
+    runs = p["runs"]
+    return _key("train", next(iter(runs.values())), sorted(
+        (label, run_key(cfg, str(p["built"].target), p["prepared"])) for label, cfg in runs.items()))
+
+
 def merge_key(_: Any, p: dict[str, Any]) -> str:
     cfg = p["cfg"]
     ft = run_key(finetune_config(cfg), str(p["built"].target), p["prepared"])
@@ -116,6 +137,8 @@ def evaluate_key(_: Any, p: dict[str, Any]) -> str:
 
 def _outputs_exist(result: Any) -> bool:
     """Whether every path a stage result names is still on disk (a cached result may outlive its files)."""
+    if isinstance(result, dict):  # label → result of one job
+        return all(_outputs_exist(r) for r in result.values())
     paths: list[Path] = []
     for field in dataclasses.fields(result):
         value = getattr(result, field.name)
@@ -127,14 +150,15 @@ def _outputs_exist(result: Any) -> bool:
 class StageRunner:
     """Calls the stage tasks of one config with its cache, retries and time limits; records how each ended."""
 
-    def __init__(self, cfg: ExperimentConfig, tracker: NullTracker):
-        self.cfg, self.tracker = cfg, tracker
+    def __init__(self, cfg: ExperimentConfig, tracker: NullTracker, tag: str = ""):
+        self.cfg, self.tracker, self.tag = cfg, tracker, tag  # tag: appended to task names, e.g. " [seed=1]"
         self.states: dict[str, str] = {}
         self.storage = (cfg.out / ".prefect").resolve()  # a Path: a local result store, nothing to register
 
     def __call__(self, t: Any, key: Callable[[Any, dict[str, Any]], str], name: str, stage: Stage, *args: Any,
                  retries: int = 0) -> Any:
         p = self.cfg.pipeline
+        name += self.tag
         options: dict[str, Any] = {"task_run_name": name, "timeout_seconds": p.timeout_s.get(stage),
                                    "retries": retries, "retry_delay_seconds": p.retry_delay_s}
         if p.cache:
@@ -155,9 +179,31 @@ class StageRunner:
 # --- the pipeline --------------------------------------------------------------------------------------------
 
 
-def run_stages(cfg: ExperimentConfig, tracker: NullTracker) -> tuple[dict[str, stages.ModelEval], dict[str, str]]:
+SeedEvals = dict[int, dict[str, stages.ModelEval]]  # seed → label → evaluation
+
+
+def run_seeds(cfg: ExperimentConfig, tracker: NullTracker) -> tuple[SeedEvals, dict[str, str]]:
+    """Every stage of `cfg` at each of its seeds (`seed_runs`), each seed under a nested MLflow run of its own
+    when there are several; (seed → label → evaluation, task name → final state)."""
+    runs = seed_runs(cfg)
+    if len(runs) == 1:
+        ((seed, run),) = runs.items()
+        evals, states = run_stages(run, tracker)
+        return {seed: evals}, states
+    by_seed: SeedEvals = {}
+    states = {}
+    for seed, run in runs.items():
+        with tracker.run(f"seed-{seed}", nested=True, tags={"seed": str(seed)}):
+            tracker.log_params({"seed": seed})
+            by_seed[seed], seed_states = run_stages(run, tracker, tag=f" [seed={seed}]")
+        states.update(seed_states)
+    return by_seed, states
+
+
+def run_stages(cfg: ExperimentConfig, tracker: NullTracker, tag: str = ""
+               ) -> tuple[dict[str, stages.ModelEval], dict[str, str]]:
     """Every stage of one config under `tracker`'s current run; (label → evaluation, task name → final state)."""
-    call = StageRunner(cfg, tracker)
+    call = StageRunner(cfg, tracker, tag)
     with tracker.run("prepare", nested=True):
         prepared = call(prepare_task, prepare_key, "prepare", "prepare", cfg, retries=cfg.pipeline.retries)
         tracker.set_tags({"data_fingerprint": prepared.fingerprint})
@@ -173,17 +219,24 @@ def run_stages(cfg: ExperimentConfig, tracker: NullTracker) -> tuple[dict[str, s
         tracker.log_metrics(flatten(built.summary["probability"]))  # type: ignore[arg-type]
         tracker.log_artifact(cfg.out / "models" / "summary.json")
     paths.update({"target": built.target, "oracle": built.oracle})
+    runs = method_runs(cfg) if "unlearned" in roles else {}
+    jobs = training_jobs(cfg, runs, "merged" in roles)
+    if jobs:  # every training job of this config in one start of the ranks
+        with tracker.run("train", nested=True):
+            tracker.log_params({"jobs": ", ".join(jobs)})
+            call(train_task, train_key, "train", "unlearn", jobs, prepared, built)
     if "unlearned" in roles:
         expanded["unlearned"] = []
-        for label, run in method_runs(cfg).items():
+        for label, run in runs.items():
             with tracker.run(f"unlearn-{label}", nested=True):
                 tracker.log_params(flatten({"method": run.method.model_dump(), "train": run.train.model_dump()}))
                 done = call(unlearn_task, unlearn_key, f"unlearn-{label}", "unlearn", run, prepared, built)
                 tracker.log_history(done.summary["losses"])
                 tracker.log_metrics({k: done.summary[k] for k in ("steps", "tokens_per_s", "peak_rss_mb", "train_s")})
                 tracker.log_artifact(done.run_dir / "run_summary.json")
-            paths[label] = done.model
-            expanded["unlearned"].append(label)
+            models = stages.run_models(label, done, cfg)
+            paths.update(models)
+            expanded["unlearned"] += list(models)
     if "merged" in roles:
         with tracker.run("merge", nested=True):
             merged = call(merge_task, merge_key, "merge", "merge", cfg, prepared, built)
@@ -227,26 +280,35 @@ def run_tags() -> dict[str, str]:
             "git_commit": git_commit()}
 
 
-def write_report(out: Path, title: str, evals: dict[str, stages.ModelEval], tracker: NullTracker,
-                 states: dict[str, str]) -> dict[str, Any]:
-    """report.md, tradeoff.png and report.json under `out`, logged to MLflow and published as Prefect artifacts."""
-    metrics = {label: r.metrics for label, r in evals.items()}
+def write_report(out: Path, title: str, by_seed: SeedEvals, tracker: NullTracker, states: dict[str, str]
+                 ) -> dict[str, Any]:
+    """report.md, tradeoff.png and report.json under `out`, logged to MLflow and published as Prefect artifacts:
+    per model the median and range over the seeds, the best model by medians, the oracles' noise floor."""
+    def per_seed(value: Callable[[stages.ModelEval], Any]) -> dict[str, dict[str, Any]]:
+        return {str(seed): {label: value(r) for label, r in evals.items()} for seed, evals in by_seed.items()}
+
+    summary = summarise({seed: {label: r.metrics for label, r in evals.items()} for seed, evals in by_seed.items()})
+    best, why = best_model(medians(summary))
+    oracles = {seed: evals["oracle"].result["per_example"].get("forget_truth_ratio") for seed, evals in by_seed.items()
+               if "oracle" in evals}
+    floor = noise_floor({s: tr for s, tr in oracles.items() if tr is not None})
     out.mkdir(parents=True, exist_ok=True)
-    table = results_table(metrics)
-    best, why = best_model(metrics)
-    plot = tradeoff_plot(metrics, out / "tradeoff.png", title=title)
-    (out / "report.md").write_text(f"# {title}\n\n{table}\n\nBest: {best} ({why})\n\nPlot: {plot}\n")
+    plot = tradeoff_plot(summary, out / "tradeoff.png", title=title, floor=floor)
+    text = report_markdown(title, list(by_seed), results_table(summary), best, why, floor)
+    (out / "report.md").write_text(f"{text}\nPlot: {plot}\n")
     link, command = tracker.run_url(), ui_command(getattr(tracker, "uri", ""))
-    report = {"title": title, "table": table, "best": best, "why": why, "plot": str(plot),
-              "metrics": metrics, "eval": {label: str(r.eval_dir / "eval.json") for label, r in evals.items()},
-              "models": {label: str(r.path) for label, r in evals.items()}, "stages": states,
-              "mlflow_run": link, "mlflow_ui": command if link else None}
+    report = {"title": title, "table": results_table(summary), "best": best, "why": why, "plot": str(plot),
+              "seeds": list(by_seed), "metrics": medians(summary),
+              "spread": {label: {k: [v.low, v.high] for k, v in m.items()} for label, m in summary.items()},
+              "per_seed": per_seed(lambda r: r.metrics), "noise_floor": floor,
+              "eval": per_seed(lambda r: str(r.eval_dir / "eval.json")), "models": per_seed(lambda r: str(r.path)),
+              "stages": states, "mlflow_run": link, "mlflow_ui": command if link else None}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     for name in ("report.md", "report.json"):
         tracker.log_artifact(out / name)
     tracker.log_artifact(plot)
     key = artifact_key(title)
-    create_markdown_artifact(f"# {title}\n\n{table}\n\nBest: **{best}** ({why})\n", key=f"{key}-results",
+    create_markdown_artifact(text, key=f"{key}-results",
                              description="forget quality, model utility, forget probability and ROUGE, privacy leak")
     if link:
         create_link_artifact(link, link_text="MLflow run", key=f"{key}-mlflow",
@@ -255,11 +317,13 @@ def write_report(out: Path, title: str, evals: dict[str, stages.ModelEval], trac
     return report
 
 
-def register(cfg: ExperimentConfig, evals: dict[str, stages.ModelEval], best: str | None, tracker: NullTracker
+def register(cfg: ExperimentConfig, by_seed: SeedEvals, best: str | None, tracker: NullTracker
              ) -> dict[str, str]:
-    """Target, oracle and the report's best model in the Model Registry, under aliases of those names."""
+    """Target, oracle and the report's best model in the Model Registry, under aliases of those names (with
+    several seeds, the models of the first)."""
     if not cfg.tracking.register_models:
         return {}
+    evals = next(iter(by_seed.values()))
     name = cfg.tracking.registered_model or cfg.name
     versions = {}
     picks = {"target": "target", "oracle": "oracle", **({"best": best} if best else {})}
@@ -294,9 +358,9 @@ def pipeline(config: dict[str, Any] | str, overrides: list[str] | None = None) -
         (cfg.out).mkdir(parents=True, exist_ok=True)
         (cfg.out / "config.resolved.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         tracker.log_artifact(cfg.out / "config.resolved.json")
-        evals, states = run_stages(cfg, tracker)
-        report = write_report(cfg.out / "report", cfg.name, evals, tracker, states)
-        report["registered"] = register(cfg, evals, report["best"], tracker)
+        by_seed, states = run_seeds(cfg, tracker)
+        report = write_report(cfg.out / "report", cfg.name, by_seed, tracker, states)
+        report["registered"] = register(cfg, by_seed, report["best"], tracker)
     return report
 
 
@@ -382,16 +446,18 @@ def sweep(config: dict[str, Any] | str, grid: dict[str, list[Any]], overrides: l
     points = grid_points(config, grid)
     base = validate_config(config)
     tracker = tracker_for(base.tracking.uri, base.tracking.experiment or base.name)
-    results: dict[str, dict[str, stages.ModelEval]] = {}
+    results: dict[str, SeedEvals] = {}
     states: dict[str, str] = {}
     with tracker.run(f"{base.name}-sweep", tags={**run_tags(), "sweep_grid": json.dumps(grid)}):
         tracker.log_params({"sweep.grid": json.dumps(grid), **flatten(base.to_dict())})
         for label, cfg in points.items():
             with tracker.run(label, nested=True):
                 tracker.log_params(flatten(cfg.to_dict()))
-                results[label], point_states = run_stages(cfg, tracker)
+                results[label], point_states = run_seeds(cfg, tracker)
             states.update({f"{s} [{label}]": v for s, v in point_states.items()})
-        combined = combine(results)
+        seeds = list(dict.fromkeys(seed for by_seed in results.values() for seed in by_seed))
+        combined = {seed: combine({point: by_seed[seed] for point, by_seed in results.items() if seed in by_seed})
+                    for seed in seeds}
         out = base.out / "sweep" / content_hash(grid, sorted(points))
         report = write_report(out, f"{base.name} sweep", combined, tracker, states)
         report["points"] = list(points)

@@ -74,32 +74,42 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         print(f"  {split:<10} {n:>6} items  {info['entities'].get(split, 0):>5} entities")
 
 
+def _seeds(cfg: Any) -> list[tuple[str, Any]]:
+    """(heading, config) per seed of `seeds` (no heading for a config without them)."""
+    from unlearning.config import seed_runs
+
+    runs = seed_runs(cfg)
+    return [(f"seed {seed}" if cfg.seeds else "", run) for seed, run in runs.items()]
+
+
 def cmd_build_models(args: argparse.Namespace) -> None:
     from rich.console import Console
 
     from unlearning.stages import build_models
 
-    cfg = _load(args)
-    built = build_models(cfg)
-    s = built.summary
-    table = _probability_table({role: s["probability"][role] for role in ("target", "oracle")})
     console = Console()
-    for role, info in s["builds"].items():
-        how = "cached" if info["cached"] else f"built in {info['wall_s']:.0f} s ({info['steps']} steps)"
-        console.print(f"{role}: {s[role]}  ({how}, final loss {info['final_loss']:.3f})", markup=False)
-    console.print(table)
+    for heading, cfg in _seeds(_load(args)):
+        if heading:
+            console.rule(heading)
+        built = build_models(cfg)
+        s = built.summary
+        table = _probability_table({role: s["probability"][role] for role in ("target", "oracle")})
+        for role, info in s["builds"].items():
+            how = "cached" if info["cached"] else f"built in {info['wall_s']:.0f} s ({info['steps']} steps)"
+            console.print(f"{role}: {s[role]}  ({how}, final loss {info['final_loss']:.3f})", markup=False)
+        console.print(table)
 
 
 def cmd_unlearn(args: argparse.Namespace) -> None:
     from rich.console import Console
 
     from unlearning.config import method_runs
-    from unlearning.stages import unlearn
+    from unlearning.stages import unlearn_many
 
-    cfg = _load(args)
     console = Console()
-    for label, run in method_runs(cfg).items():
-        done = unlearn(run)
+    runs = [(f"{heading}: {label}" if heading else label, done) for heading, cfg in _seeds(_load(args))
+            for label, done in unlearn_many(method_runs(cfg)).items()]
+    for label, done in runs:
         s = done.summary
         losses = s["losses"]
         how = "cached" if done.cached else f"{s['train_s']:.1f} s of training, {s['wall_s']:.0f} s in all"
@@ -120,15 +130,16 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
     from unlearning.stages import merge
 
-    cfg = _load(args)
-    done = merge(cfg)
-    s = done.summary
     console = Console()
-    console.print(f"task vector: {s['task_vector']} (forget fine-tune run {s['finetune_run']})", markup=False)
-    console.print(_probability_table(s["probability"], f", θ_target − λ·τ ({s['method']})"))
-    for run in s["merged"]:
-        how = "cached" if run["cached"] else f"merged in {run['merge_s']:.1f} s"
-        console.print(f"λ={run['lambda']:g}: {run['model']} ({how})", markup=False)
+    for heading, cfg in _seeds(_load(args)):
+        if heading:
+            console.rule(heading)
+        s = merge(cfg).summary
+        console.print(f"task vector: {s['task_vector']} (forget fine-tune run {s['finetune_run']})", markup=False)
+        console.print(_probability_table(s["probability"], f", θ_target − λ·τ ({s['method']})"))
+        for run in s["merged"]:
+            how = "cached" if run["cached"] else f"merged in {run['merge_s']:.1f} s"
+            console.print(f"λ={run['lambda']:g}: {run['model']} ({how})", markup=False)
 
 
 HEADLINE = ("forget_quality", "model_utility", "forget_probability", "forget_rouge", "forget_truth_ratio",
@@ -137,44 +148,56 @@ HEADLINE = ("forget_quality", "model_utility", "forget_probability", "forget_rou
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
-    from unlearning.evaluate.report import format_value
+    from unlearning.config import seed_runs
+    from unlearning.evaluate.report import format_spread, summarise
     from unlearning.stages import evaluate
 
     cfg = _load(args)
-    results = evaluate(cfg)
-    present = {k for r in results.values() for k in r.metrics}
-    table = Table(title=f"Evaluation, {cfg.eval.suite} suite (n/a: unavailable, reason in eval.json)")
+    results = {seed: evaluate(run) for seed, run in seed_runs(cfg).items()}
+    summary = summarise({seed: {label: r.metrics for label, r in evals.items()} for seed, evals in results.items()})
+    seeds = f", seeds {', '.join(map(str, results))}: median [min, max]" if len(results) > 1 else ""
+    table = Table(title=escape(f"Evaluation, {cfg.eval.suite} suite{seeds} (n/a: unavailable, reason in eval.json)"))
     table.add_column("metric")
-    for label in results:
+    for label in summary:
         table.add_column(label, justify="right")
+    present = {k for m in summary.values() for k in m}
     for metric in (k for k in HEADLINE if k in present):
-        table.add_row(metric, *(format_value(r.metrics.get(metric)) for r in results.values()))
-    console = _wide_console(34 + 12 * len(results))  # never cut a metric name or a model
+        table.add_row(metric, *(format_spread(m.get(metric)) for m in summary.values()))
+    console = _wide_console(34 + (12 if len(results) == 1 else 28) * len(summary))  # never cut a metric or model
     console.print(table)
-    for label, r in results.items():
-        console.print(f"{label}: {r.eval_dir / 'eval.json'}{' (cached)' if r.cached else ''}", markup=False)
+    for seed, evals in results.items():
+        for label, r in evals.items():
+            where = f"{label} [seed={seed}]" if len(results) > 1 else label
+            console.print(f"{where}: {r.eval_dir / 'eval.json'}{' (cached)' if r.cached else ''}", markup=False)
 
 
 def _print_report(report: dict[str, Any], uri: str) -> None:
     """The end of `unlearn run` and `unlearn sweep`: the results table, the plot, how to browse the runs."""
+    from rich.markup import escape
     from rich.table import Table
 
-    from unlearning.evaluate.report import COLUMNS, format_value
+    from unlearning.evaluate.report import COLUMNS, Spread, format_spread, summarise
     from unlearning.tracking import ui_command, ui_url
 
-    metrics = report["metrics"]
-    table = Table(title=report["title"])
+    summary = summarise({int(seed): models for seed, models in report["per_seed"].items()})
+    several = len(report["seeds"]) > 1
+    table = Table(title=escape(report["title"] + (f", seeds {', '.join(map(str, report['seeds']))}: median "
+                                                  "[min, max]" if several else "")))
     table.add_column("model")
     for column in COLUMNS:
         table.add_column(column, justify="right")
-    for label, m in metrics.items():
-        table.add_row(label, *(format_value(m.get(c)) for c in COLUMNS))
-    console = _wide_console(40 + 16 * len(COLUMNS))
+    for label, m in summary.items():
+        table.add_row(label, *(format_spread(m.get(c)) for c in COLUMNS))
+    console = _wide_console(40 + (16 if not several else 30) * len(COLUMNS))
     console.print(table)
     cached = sum(state == "Cached" for state in report["stages"].values())
-    console.print(f"best: {report['best']} ({report['why']})", markup=False)
+    console.print(f"best: {report['best']} ({report['why']}{', on medians' if several else ''})", markup=False)
+    if report.get("noise_floor"):
+        floor = format_spread(Spread.of(list(report["noise_floor"].values())))
+        console.print(f"noise floor: oracle vs oracle (other seed) forget quality {floor}", markup=False)
     console.print(f"stages: {len(report['stages'])} ran, {cached} of them from the cache", markup=False)
     console.print(f"plot: {report['plot']}", markup=False)
     console.print(f"report: {Path(report['plot']).with_name('report.md')}", markup=False)

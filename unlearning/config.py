@@ -227,13 +227,24 @@ class LoraConfig(Strict):
 
 class StopConfig(Strict):
     """Gradient ascent is unbounded: besides `train.max_steps`, stop once the forget answers' mean token NLL
-    reaches `forget_loss_bound`, or once the mean answer probability on a fixed retain sample falls below
-    `utility_floor` (checked every `utility_every` steps, so the overshoot is at most that many steps)."""
+    reaches `forget_loss_bound`, once the mean answer probability on a fixed retain sample falls below
+    `utility_floor` (checked every `utility_every` steps, so the overshoot is at most that many steps), or once
+    the forget set has become indistinguishable from the holdout set (`holdout_match`), which needs no oracle:
+    a model that never saw the forget set treats it like any unseen data."""
 
     forget_loss_bound: float | None = Field(None, gt=0, description="stop once the forget NLL reaches this")
     utility_floor: float | None = Field(None, gt=0, le=1, description="stop once retain probability is below")
     utility_every: int = Field(5, ge=1, description="steps between utility-floor checks")
     utility_sample: int = Field(32, ge=1, description="retain examples the utility-floor check scores")
+    holdout_match: Literal["auc", "probability", "truth_ratio"] | None = Field(
+        None, description="stop once forget and holdout answers are indistinguishable on a fixed sample of each: "
+        "auc: the LOSS-attack ROC AUC (forget = members) is at most 0.5 + holdout_margin; probability: the mean "
+        "forget answer probability is at most the holdout's + holdout_margin; truth_ratio: the truth ratios (what "
+        "forget quality compares) of the two samples are within holdout_margin of an AUC of 0.5 (needs perturbed "
+        "answers)")
+    holdout_margin: float = Field(0.05, ge=0, lt=0.5, description="how close to indistinguishable counts")
+    holdout_every: int = Field(5, ge=1, description="steps between holdout-match checks")
+    holdout_sample: int = Field(64, ge=2, description="forget and holdout examples each holdout check scores")
 
 
 class TrainConfig(Strict):
@@ -257,6 +268,9 @@ class TrainConfig(Strict):
     packing: bool = Field(True, description="run a micro-batch as one row without padding where the model keeps "
                           "packed sequences apart (checked at start) and it saves work; same losses up to rounding")
     checkpoint_every: int = Field(0, ge=0, description="steps between DeepSpeed checkpoints; 0: only at end")
+    snapshot_every: int = Field(0, ge=0, description="steps between HF models of the run saved under snapshots/"
+                                "step<N>/, which `unlearn eval` and `unlearn run` evaluate beside the final one "
+                                "(eval.snapshots) so the best point of training shows; 0: none")
     timeout_s: PositiveFloat | None = Field(None, description="wall-clock limit of the training job: past it every "
                                             "rank is stopped, checkpoints kept; rerun to resume")
     keep_checkpoints: int = Field(2, ge=1, description="newest DeepSpeed checkpoints kept on disk")
@@ -307,6 +321,19 @@ class EvalConfig(Strict):
                                       description="splits that enter model utility beside retain, when present")
     batch_size: int = Field(32, ge=1)
     max_new_tokens: int = Field(32, ge=1)
+    max_items: dict[str, int] = Field(default_factory=dict, description="split -> at most this many items "
+                                      "evaluated: a fixed sample, the same for every model (TOFU evaluates 300 "
+                                      "items of its retain set), e.g. {retain: 150}")
+    snapshots: bool = Field(True, description="evaluate the models an unlearning run saved every "
+                            "train.snapshot_every steps too, labelled <method>@step<N>")
+
+    @pydantic.field_validator("max_items")
+    @classmethod
+    def _positive_caps(cls, caps: dict[str, int]) -> dict[str, int]:
+        low = sorted(s for s, n in caps.items() if n < 2)
+        if low:
+            raise ValueError(f"{low}: evaluate at least 2 items of a split, or leave it out")
+        return caps
 
     @pydantic.field_validator("models")
     @classmethod
@@ -559,6 +586,14 @@ def method_runs(cfg: ExperimentConfig) -> dict[str, ExperimentConfig]:
         train = TrainConfig.model_validate(deep_merge(cfg.train.model_dump(), entry.get("train") or {}))
         runs[entry["label"]] = cfg.model_copy(update={"method": MethodConfig(**method), "train": train, "methods": []})
     return runs
+
+
+def seed_runs(cfg: ExperimentConfig) -> dict[int, ExperimentConfig]:
+    """Seed → the config of one repetition: `seeds` each on the data of `data_seed`, or the config alone."""
+    if not cfg.seeds:
+        return {cfg.seed: cfg}
+    data = cfg.data.model_copy(update={"seed": cfg.data_seed})
+    return {s: cfg.model_copy(update={"seed": s, "seeds": [], "data": data}) for s in cfg.seeds}
 
 
 def validate_config(raw: dict[str, Any]) -> ExperimentConfig:

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from unlearning.config import ExperimentConfig, method_runs
 from unlearning.data.prepare import PreparedData, prepare
-from unlearning.evaluate.runner import ModelEval, checkpoint_problems, eval_order, evaluate, evaluate_model
+from unlearning.evaluate.runner import (
+    ModelEval,
+    checkpoint_problems,
+    eval_order,
+    evaluate,
+    evaluate_model,
+    run_models,
+)
 from unlearning.merge.stage import Merged, finetune_config, merge
 from unlearning.models import BuiltModels, build_models
-from unlearning.unlearn import Unlearned, data_problems, launch_problems, unlearn
+from unlearning.unlearn import Unlearned, data_problems, launch_problems, unlearn, unlearn_many
 
 __all__ = ["BuiltModels", "Merged", "ModelEval", "PreparedData", "Unlearned", "build_models", "eval_order", "evaluate",
-           "evaluate_model", "merge", "preflight", "prepare", "unlearn"]
+           "evaluate_model", "merge", "preflight", "prepare", "run_models", "unlearn", "unlearn_many"]
 
 
 def preflight(cfg: ExperimentConfig, prepared: PreparedData) -> list[str]:

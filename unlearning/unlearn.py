@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,14 @@ def data_problems(cfg: ExperimentConfig, prepared: PreparedData) -> list[str]:
     if (need["retain"] or cfg.train.stop.utility_floor is not None) and counts.get("retain", 0) < global_batch:
         problems.append(f"the retain set has {counts.get('retain', 0)} examples, fewer than one global batch "
                         f"({global_batch}); lower the batch or set method.alpha=0")
+    if cfg.train.stop.holdout_match == "truth_ratio" and not all(prepared.splits()[s][0].get("perturbed_answer")
+                                                                 for s in ("forget", "holdout") if counts.get(s)):
+        problems.append("train.stop.holdout_match=truth_ratio needs perturbed answers in the forget and holdout "
+                        "splits; map data.columns.perturbed_answer, or use auc or probability")
+    if cfg.train.stop.holdout_match is not None and counts.get("holdout", 0) < 2:
+        problems.append(f"train.stop.holdout_match compares the forget set with the holdout set, and the data has "
+                        f"{counts.get('holdout', 0)} holdout examples; add a holdout split (data.splits.holdout, or "
+                        "data.holdout_fraction for the synthetic source) or unset the rule")
     if cfg.train.lora.enabled:
         problems += _lora_problems(cfg, prepared.tokenizer())
     return problems
@@ -132,10 +141,25 @@ def _failure_message(run_dir: Path, log: Path, returncode: int) -> str:
     return f"the training job exited with status {returncode} ({resume}); the end of {log}:\n{tail}"
 
 
-def launch(cfg: ExperimentConfig, spec: dict[str, Any], run_dir: Path) -> None:
-    """Start the ranks of the job and wait; raise `TrainingFailed` with the reason if it fails."""
-    (run_dir / "spec.json").write_text(json.dumps(spec, indent=2))
-    (run_dir / "failure.json").unlink(missing_ok=True)
+def launch_group(cfg: ExperimentConfig) -> tuple[Any, ...]:
+    """What a run's launch looks like: runs that agree on it can share one start of the ranks. A run with its
+    own time limit starts alone, so that the limit is its own."""
+    train = cfg.train
+    alone = None if train.timeout_s is None else id(cfg)
+    return (train.launcher, train.num_processes, train.num_nodes, train.hostfile, alone)
+
+
+def launch(cfg: ExperimentConfig, jobs: list[tuple[dict[str, Any], Path]]) -> None:
+    """Start the ranks once for `jobs` (spec, run directory), which run one after another in those ranks, and
+    wait; raise `TrainingFailed` with the reason if any fails (the ones before it stay finished).
+
+    `cfg` gives the launch (launcher, ranks, nodes, time limit), the same for every job (`launch_group`). Each
+    rank writes a job's output to that job's train.log; a launch of several jobs writes the launcher's own
+    lines to launch.log beside the first.
+    """
+    for spec, run_dir in jobs:
+        (run_dir / "spec.json").write_text(json.dumps(spec, indent=2))
+        (run_dir / "failure.json").unlink(missing_ok=True)
     train = cfg.train
     master_addr = os.environ.get("MASTER_ADDR") or (read_hostfile(train.hostfile)[0][0] if train.hostfile
                                                     else "127.0.0.1")
@@ -145,18 +169,23 @@ def launch(cfg: ExperimentConfig, spec: dict[str, Any], run_dir: Path) -> None:
     per_node = (read_hostfile(train.hostfile)[node_rank][1] if train.hostfile and train.launcher == "torchrun"
                 else train.num_processes)
     argv = launch_argv(launcher=train.launcher, num_processes=per_node, num_nodes=train.num_nodes,
-                       module="unlearning.train", args=[str(run_dir / "spec.json")], hostfile=train.hostfile,
-                       master_addr=master_addr, master_port=port, node_rank=node_rank, on_cpu=not on_gpu())
-    log = run_dir / "train.log"
-    print(f"training {cfg.method.name} on {world_size(cfg)} rank(s); log: {log}", file=sys.stderr, flush=True)
+                       module="unlearning.train", args=[str(run_dir / "spec.json") for _, run_dir in jobs],
+                       hostfile=train.hostfile, master_addr=master_addr, master_port=port, node_rank=node_rank,
+                       on_cpu=not on_gpu())
+    log = jobs[0][1] / ("train.log" if len(jobs) == 1 else "launch.log")
+    names = ", ".join(spec["config"]["method"]["name"] for spec, _ in jobs)
+    print(f"training {names} on {world_size(cfg)} rank(s); log: {jobs[0][1] / 'train.log'}"
+          + (f" and {len(jobs) - 1} more" if len(jobs) > 1 else ""), file=sys.stderr, flush=True)
     with log.open("a") as out:
         out.write(f"$ {' '.join(argv)}\n")
         out.flush()
         returncode = _run_job(argv, out, _job_env(cfg), train.timeout_s)
-    if returncode is None:
-        raise TrainingFailed(_timeout_message(cfg, run_dir, log))
-    if returncode != 0 or not (run_dir / "run_summary.json").is_file():
-        raise TrainingFailed(_failure_message(run_dir, log, returncode))
+    for _, run_dir in jobs:
+        if (run_dir / "run_summary.json").is_file():
+            continue
+        if returncode is None:
+            raise TrainingFailed(_timeout_message(cfg, run_dir, run_dir / "train.log"))
+        raise TrainingFailed(_failure_message(run_dir, run_dir / "train.log", returncode or 0))
 
 
 def _resume_hint(run_dir: Path) -> str:
@@ -215,25 +244,40 @@ def unlearn(cfg: ExperimentConfig, *, prepared: PreparedData | None = None, targ
     By default the data is the config's prepared data and the target is built (or given by model.target);
     `prepared` and `target` override both (sequential unlearning: one request's data, the last result).
     """
-    raise_if(launch_problems(cfg))
-    own_data = prepared is None
-    prepared = prepared or prepare(cfg)
-    raise_if(data_problems(cfg, prepared))
-    target_probs = None
-    if target is None:
-        built = build_models(cfg)
-        target = built.target
-        target_probs = built.summary["probability"]["target"] if own_data else None
+    return unlearn_many({"run": cfg}, prepared=prepared, target=target)["run"]
 
-    run_dir, spec = job_spec(cfg, str(target), prepared)
-    summary_path = run_dir / "run_summary.json"
-    cached = summary_path.is_file()
-    if not cached:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-        launch(cfg, spec, run_dir)
-    summary = _with_probabilities(cfg, Path(target), target_probs, prepared, run_dir)
-    return Unlearned(run_dir / "model", run_dir, summary, cached=cached)
+
+def unlearn_many(cfgs: Mapping[str, ExperimentConfig], *, prepared: PreparedData | None = None,
+                 target: str | Path | None = None) -> dict[str, Unlearned]:
+    """`unlearn` for several runs (label → config, e.g. every method of a config), starting the ranks once for
+    all the unfinished runs that launch alike (`launch_group`): a start of the ranks (imports, process group,
+    accelerator) costs seconds on a laptop and a minute on a cluster, and the runs follow one another in it.
+    Every run's problems are reported before anything starts."""
+    raise_if([p for cfg in cfgs.values() for p in launch_problems(cfg)])
+    own_data = prepared is None
+    data = {label: prepared or prepare(cfg) for label, cfg in cfgs.items()}
+    raise_if(list(dict.fromkeys(p for label, cfg in cfgs.items() for p in data_problems(cfg, data[label]))))
+    targets, target_probs = {}, {}
+    for label, cfg in cfgs.items():
+        if target is None:
+            built = build_models(cfg)
+            targets[label] = Path(built.target)
+            target_probs[label] = built.summary["probability"]["target"] if own_data else None
+        else:
+            targets[label], target_probs[label] = Path(target), None
+    jobs = {label: job_spec(cfg, str(targets[label]), data[label]) for label, cfg in cfgs.items()}
+    pending = [label for label, (run_dir, _) in jobs.items() if not (run_dir / "run_summary.json").is_file()]
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for label in pending:
+        groups.setdefault(launch_group(cfgs[label]), []).append(label)
+    for labels in groups.values():
+        for label in labels:
+            jobs[label][0].mkdir(parents=True, exist_ok=True)
+            (jobs[label][0] / "config.yaml").write_text(dump_yaml(cfgs[label]))
+        launch(cfgs[labels[0]], [(jobs[label][1], jobs[label][0]) for label in labels])
+    return {label: Unlearned(run_dir / "model", run_dir, _with_probabilities(
+        cfgs[label], targets[label], target_probs[label], data[label], run_dir), cached=label not in pending)
+        for label, (run_dir, _) in jobs.items()}
 
 
 def _with_probabilities(cfg: ExperimentConfig, target: Path, target_probs: dict[str, float] | None,

@@ -46,7 +46,8 @@ def test_pipeline_tracks_every_stage_caches_a_rerun_and_reruns_only_what_changed
     experiment = client.get_experiment_by_name("pico").experiment_id
     runs = client.search_runs([experiment])
     names = {r.info.run_name: r for r in runs}
-    stage_runs = {"prepare", "build-models", "unlearn-ga", "unlearn-npo_a", "merge", *(f"eval-{x}" for x in labels)}
+    stage_runs = {"prepare", "build-models", "train", "unlearn-ga", "unlearn-npo_a", "merge",
+                  *(f"eval-{x}" for x in labels)}
     assert stage_runs | {"pico"} == set(names)
     parent = names["pico"]
     assert all(names[n].data.tags["mlflow.parentRunId"] == parent.info.run_id for n in stage_runs)
@@ -73,11 +74,14 @@ def test_pipeline_tracks_every_stage_caches_a_rerun_and_reruns_only_what_changed
     assert again["metrics"] == report["metrics"]
     assert len(client.search_model_versions(f"name = '{registered}'")) == len({*report["registered"].values()})
 
-    # One method's parameter changed: that method trains and is evaluated again; nothing else runs.
+    # One method's parameter changed: that method trains (alone in the launch) and is evaluated again; nothing
+    # else runs.
     raw["methods"][1]["train"]["lr"] = 3e-3
     changed = pipeline(raw)
     ran = {name for name, state in changed["stages"].items() if state != "Cached"}
-    assert ran == {"unlearn-npo_a", "eval-npo_a"}
+    assert ran == {"train", "unlearn-npo_a", "eval-npo_a"}
+    npo = Path(changed["models"]["0"]["npo_a"]).parent
+    assert not (npo / "launch.log").exists() and (npo / "train.log").read_text().count("$ ") == 1
 
 
 def test_a_failed_stage_fails_the_run_clearly_and_the_rerun_resumes(tmp_path, harness, monkeypatch):
@@ -96,7 +100,7 @@ def test_a_failed_stage_fails_the_run_clearly_and_the_rerun_resumes(tmp_path, ha
     assert "step2" in message and "rerun" in message
     client = MlflowClient(uri)
     runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("pico").experiment_id])}
-    assert runs["unlearn-ga"].info.status == "FAILED" and runs["pico"].info.status == "FAILED"
+    assert runs["train"].info.status == "FAILED" and runs["pico"].info.status == "FAILED"
     assert runs["build-models"].info.status == "FINISHED"
 
     monkeypatch.delenv(FAULT_ENV)
@@ -159,3 +163,39 @@ def test_sequence_applies_requests_in_order_with_a_ledger(tmp_path, harness):
     again = sequence_flow(raw)["ledger"]
     assert all(e["cached"] for e in again["applied"])
     assert [e["forget_quality"] for e in again["applied"]] == [e["forget_quality"] for e in ledger["applied"]]
+
+
+def test_seeds_repeat_every_stage_and_the_report_gives_medians_ranges_and_the_noise_floor(tmp_path, harness):
+    """Two seeds: each builds its own target and oracle and unlearns (GA, with a snapshot every 2 steps, evaluated
+    as ga@step2); the report's values are the medians of the per-seed values, the oracles' forget quality against
+    each other is the noise floor, and MLflow nests each seed's stage runs under a run of its own."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.pipeline import pipeline
+
+    raw, uri = _raw(tmp_path, max_steps=4, snapshot_every=2)
+    raw.update(seeds=[0, 1], methods=[{"name": "ga"}])
+    raw["eval"]["models"] = ["target", "oracle", "unlearned"]
+    raw["tracking"]["register_models"] = False
+    report = pipeline(raw)
+    assert report["seeds"] == [0, 1] and list(report["metrics"]) == ["target", "oracle", "ga@step2", "ga"]
+    per_seed = report["per_seed"]
+    assert per_seed["0"]["target"]["forget_probability"] != per_seed["1"]["target"]["forget_probability"]
+    assert report["models"]["0"]["target"] != report["models"]["1"]["target"]  # one target per seed
+    for metric in ("forget_quality", "model_utility"):
+        values = [per_seed[s]["ga"][metric] for s in ("0", "1")]
+        assert report["metrics"]["ga"][metric] == pytest.approx(sum(values) / 2)  # the median of two
+        assert report["spread"]["ga"][metric] == [min(values), max(values)]
+    assert set(report["noise_floor"]) == {"0-1"} and 0 <= report["noise_floor"]["0-1"] <= 1
+    text = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert "Seeds: 0, 1 (median [min, max]" in text and "Noise floor" in text
+    assert {"unlearn-ga [seed=0]", "unlearn-ga [seed=1]", "eval-ga@step2 [seed=1]"} <= set(report["stages"])
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("pico").experiment_id])
+    by_name: dict[str, list] = {}
+    for r in runs:
+        by_name.setdefault(r.info.run_name, []).append(r)
+    seed_runs = {r.data.tags["seed"]: r.info.run_id for r in by_name["seed-0"] + by_name["seed-1"]}
+    assert set(seed_runs) == {"0", "1"} and len(by_name["unlearn-ga"]) == 2
+    assert {r.data.tags["mlflow.parentRunId"] for r in by_name["unlearn-ga"]} == set(seed_runs.values())

@@ -87,6 +87,9 @@ def jobs(tmp_path_factory) -> Jobs:
                                         stop={"forget_loss_bound": jobs.bound})
             runs["floor"] = jobs.config({"name": "ga"}, num_processes=2, lr=1e-2, max_steps=30,
                                         stop={"utility_floor": jobs.floor, "utility_every": 1, "utility_sample": 8})
+            runs["holdout"] = jobs.config({"name": "npo"}, num_processes=2, lr=1e-2, max_steps=30, snapshot_every=2,
+                                          stop={"holdout_match": "probability", "holdout_every": 1,
+                                                "holdout_margin": 0.0, "holdout_sample": 6})
         else:
             runs["graddiff-kl-z3"] = jobs.config({"name": "graddiff", "retain_loss": "kl"}, num_processes=2,
                                                  zero_stage=3)
@@ -217,3 +220,22 @@ def test_stopping_rules_end_gradient_ascent_early(jobs):
     checks = [c["retain_probability"] for c in floor["utility_checks"]]
     assert floor["stopped_by"] == "utility_floor" and floor["steps"] < 30
     assert checks[-1] < jobs.floor <= min(checks[:-1])
+
+
+def test_the_holdout_match_stops_when_the_forget_set_looks_unseen_and_snapshots_are_saved(jobs):
+    """Stopped at the first check where the forget sample's mean probability fell to the holdout sample's
+    (margin 0); every check before it had the forget set above. Every second step left a loadable HF snapshot,
+    the last step's being the run's model/ itself."""
+    summary = jobs.summary("holdout")
+    checks = summary["holdout_checks"]
+    assert summary["stopped_by"] == "holdout_match" and 1 < summary["steps"] < 30
+    assert [c["step"] for c in checks] == list(range(summary["steps"] + 1))
+    assert checks[-1]["probability"] <= checks[-1]["holdout_probability"]
+    assert all(c["probability"] > c["holdout_probability"] for c in checks[:-1])
+    steps = [int(k) for k in summary["snapshots"]]
+    assert steps == list(range(2, summary["steps"], 2)) and steps
+    snapshot = load_causal_lm(summary["snapshots"][str(steps[-1])]).state_dict()
+    final = load_causal_lm(jobs.runs["holdout"] / "model").state_dict()
+    target = load_causal_lm(jobs.target).state_dict()
+    assert any(not torch.equal(snapshot[k], target[k]) for k in snapshot)
+    assert any(not torch.equal(snapshot[k], final[k]) for k in snapshot)

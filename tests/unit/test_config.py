@@ -43,7 +43,7 @@ def test_every_problem_is_reported_at_once_with_valid_keys():
                            "data.synthetic.num_entites=3", "train.zero_stage=5"])
     text = "\n".join(info.value.problems)
     assert len(info.value.problems) == 5
-    assert "trian: unknown key; valid keys here: name, seed, output_dir, data, model" in text
+    assert "trian: unknown key; valid keys here: name, seed, seeds, output_dir, data, model" in text
     assert "data.forget_fraction: Input should be less than 1" in text
     assert "methods[0].bta: not a parameter of method 'npo'; valid: beta" in text
     assert "num_entites: unknown key; valid keys here: num_entities" in text
@@ -151,3 +151,36 @@ def test_a_tracking_uri_with_a_password_is_refused_without_echoing_it(monkeypatc
     with pytest.raises(UserError) as e:
         validate_config({"name": "x", "tracking": {"uri": "postgresql://me:hunter2@db/mlflow"}})
     assert "MLFLOW_TRACKING_PASSWORD" in str(e.value) and "hunter2" not in str(e.value)
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"splits": {"forget": "f.jsonl"}}, "data.splits.forget: source=synthetic generates forget, retain, holdout, "
+                                        "world_facts itself"),
+    ({"path": "locuslab/TOFU"}, "data.path is read by source=hf only, and source is synthetic"),
+    ({"source": "files", "splits": {"forget": "f.jsonl", "retain": "r.jsonl"}, "synthetic": {"num_entities": 9}},
+     "data.synthetic: read by source=synthetic only, and source is files"),
+    ({"source": "files", "splits": {"forget": "f.jsonl", "retain": "r.jsonl"}, "forget_fraction": 0.2},
+     "data.forget_fraction: read by source=synthetic only"),
+    ({"source": "files", "splits": {"forget": "f.jsonl", "retain": "r.jsonl"}, "columns": {"holdot": {"answer": "a"}}},
+     "columns.holdot: not a split of data.splits (forget, retain)"),
+    ({"columns": {"answer": "a"}}, "data.columns maps the columns of data.splits files, and source=synthetic names "
+                                   "none"),
+    ({"source": "hf", "path": "x", "splits": {"forget": "forget10", "retain": "retain90"},
+      "columns": {"forget": {"anwser": "a"}}}, "columns.forget: unknown ['anwser']"),
+])
+def test_settings_the_chosen_source_would_ignore_are_errors(data, message):
+    with pytest.raises(UserError) as e:
+        validate_config({"name": "x", "data": data})
+    assert message in str(e.value)
+
+
+def test_seeds_repeat_the_run_on_the_data_of_one_seed():
+    from unlearning.config import seed_runs
+
+    cfg = validate_config({"name": "x", "seed": 3, "seeds": [0, 1, 2]})
+    runs = seed_runs(cfg)
+    assert list(runs) == [0, 1, 2] and [r.seed for r in runs.values()] == [0, 1, 2]
+    assert {r.data_seed for r in runs.values()} == {3} and all(r.seeds == [] for r in runs.values())
+    assert seed_runs(validate_config({"name": "x", "seed": 5})) == {5: validate_config({"name": "x", "seed": 5})}
+    with pytest.raises(UserError, match="seeds repeat"):
+        validate_config({"name": "x", "seeds": [1, 1]})

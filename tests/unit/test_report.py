@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from unlearning.evaluate.report import best_model, results_table, tradeoff_plot
+import pytest
+
+from unlearning.evaluate.report import (
+    Spread,
+    best_model,
+    format_spread,
+    medians,
+    noise_floor,
+    results_table,
+    summarise,
+    tradeoff_plot,
+)
 
 MODELS = {
     "target": {"forget_quality": 1e-11, "model_utility": 0.80, "forget_probability": 0.96},
@@ -14,10 +25,37 @@ MODELS = {
 
 
 def test_table_has_a_row_per_model_and_marks_unavailable_values():
-    table = results_table(MODELS, ("forget_quality", "model_utility"))
+    table = results_table(summarise({0: MODELS}), ("forget_quality", "model_utility"))
     lines = table.splitlines()
     assert lines[0] == "| model | forget_quality | model_utility |" and len(lines) == 2 + len(MODELS)
     assert "| oracle | n/a | 0.810 |" in lines and "| target | 1.00e-11 | 0.800 |" in lines
+
+
+def test_over_seeds_the_table_gives_the_median_and_range_and_the_pick_uses_medians():
+    """Three seeds of npo: forget quality 0.2, 0.01, 0.6 → median 0.2, range [0.01, 0.6]; a value missing at one
+    seed is left out of its spread. The pick compares medians: npo's 0.2 beats merged_l5's median 1e-5."""
+    def seed(fq_npo, fq_merged, mu_npo=0.75):
+        return {**MODELS, "npo": {**MODELS["npo"], "forget_quality": fq_npo, "model_utility": mu_npo},
+                "merged_l5": {**MODELS["merged_l5"], "forget_quality": fq_merged}}
+
+    summary = summarise({0: seed(0.2, 1e-5), 1: seed(0.01, 0.3), 2: seed(0.6, None, 0.74)})
+    npo = summary["npo"]["forget_quality"]
+    assert (npo.median, npo.low, npo.high) == (0.2, 0.01, 0.6) and npo.values == (0.2, 0.01, 0.6)
+    merged = summary["merged_l5"]["forget_quality"]
+    assert merged.median == pytest.approx((1e-5 + 0.3) / 2) and merged.values[2] is None
+    assert format_spread(npo) == "0.200 [0.010, 0.600]"
+    assert "| npo | 0.200 [0.010, 0.600] | 0.750 [0.740, 0.750] |" in results_table(
+        summary, ("forget_quality", "model_utility"))
+    assert best_model(medians(summary))[0] == "npo"
+    assert format_spread(Spread.of([None, None])) == "n/a"
+
+
+def test_the_noise_floor_is_the_oracles_forget_quality_against_each_other():
+    """Oracles at seeds 0 and 1 with identical truth ratios: p = 1; seed 2 fully separated from both
+    (3 vs 3 items): the exact two-sided p-value 0.1 (see test_metrics.test_ks_pvalue_exact)."""
+    floor = noise_floor({0: [1.0, 2.0, 3.0], 1: [1.0, 2.0, 3.0], 2: [4.0, 5.0, 6.0]})
+    assert floor == pytest.approx({"0-1": 1.0, "0-2": 0.1, "1-2": 0.1})
+    assert noise_floor({0: [1.0, 2.0]}) == {}
 
 
 def test_best_model_keeps_ninety_percent_of_the_target_utility():
@@ -32,5 +70,6 @@ def test_best_model_keeps_ninety_percent_of_the_target_utility():
 
 
 def test_plot_is_written(tmp_path):
-    path = tradeoff_plot(MODELS, tmp_path / "plots" / "tradeoff.png")
+    path = tradeoff_plot(summarise({0: MODELS, 1: MODELS}), tmp_path / "plots" / "tradeoff.png",
+                         floor={"0-1": 0.4, "0-2": 0.9})
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000

@@ -1,20 +1,60 @@
-"""The report: a table of every evaluated model and the forget-quality vs model-utility plot.
+"""The report: a table of every evaluated model and the forget-quality vs model-utility plot, over seeds.
 
-Pure functions of the models' eval.json metrics (label → {metric: value or None}), so the CLI, the Prefect
-flow and the sweep all print and plot the same thing.
+Pure functions of the models' eval.json metrics, so the CLI, the Prefect flow and the sweep all print and
+plot the same thing. A run repeated over seeds gives, per model, the median and the range (min–max) of every
+metric (`Spread`); the best-model rule is applied to the medians, and the oracles of different seeds against
+one another give the noise floor of forget quality: how far two models that both never saw the forget set
+fall apart by chance alone.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 Metrics = Mapping[str, float | None]
 
 COLUMNS = ("forget_quality", "model_utility", "forget_probability", "forget_rouge", "privleak")
 UTILITY_KEPT = 0.9  # the best model keeps at least this fraction of the target's utility
+
+
+@dataclass(frozen=True)
+class Spread:
+    """One metric of one model over the seeds it was evaluated at: the median, the min and max, and the values
+    (None where unavailable at that seed)."""
+
+    median: float | None
+    low: float | None
+    high: float | None
+    values: tuple[float | None, ...]
+
+    @staticmethod
+    def of(values: Sequence[float | None]) -> Spread:
+        known = [v for v in values if v is not None and math.isfinite(v)]
+        if not known:
+            return Spread(None, None, None, tuple(values))
+        return Spread(float(np.median(known)), min(known), max(known), tuple(values))
+
+
+def summarise(by_seed: Mapping[int, Mapping[str, Metrics]]) -> dict[str, dict[str, Spread]]:
+    """seed → label → metrics, to label → metric → `Spread` over the seeds (labels in order of appearance)."""
+    labels = list(dict.fromkeys(label for models in by_seed.values() for label in models))
+    out: dict[str, dict[str, Spread]] = {}
+    for label in labels:
+        names = list(dict.fromkeys(k for models in by_seed.values() for k in models.get(label, {})))
+        out[label] = {k: Spread.of([models.get(label, {}).get(k) for models in by_seed.values()]) for k in names}
+    return out
+
+
+def medians(summary: Mapping[str, Mapping[str, Spread]]) -> dict[str, dict[str, float | None]]:
+    """label → metric → median over the seeds."""
+    return {label: {k: s.median for k, s in m.items()} for label, m in summary.items()}
 
 
 def format_value(v: float | None) -> str:
@@ -24,18 +64,28 @@ def format_value(v: float | None) -> str:
     return f"{v:.2e}" if v != 0 and abs(v) < 1e-2 else f"{v:.3f}"
 
 
-def results_table(models: Mapping[str, Metrics], columns: tuple[str, ...] = COLUMNS) -> str:
-    """A markdown table, one row per model, one column per metric (n/a where a metric is unavailable)."""
+def format_spread(s: Spread | None) -> str:
+    """The median, and with several seeds its range: `0.513 [0.201, 0.774]`."""
+    if s is None or s.median is None:
+        return "n/a"
+    if len(s.values) < 2:
+        return format_value(s.median)
+    return f"{format_value(s.median)} [{format_value(s.low)}, {format_value(s.high)}]"
+
+
+def results_table(summary: Mapping[str, Mapping[str, Spread]], columns: tuple[str, ...] = COLUMNS) -> str:
+    """A markdown table, one row per model, one column per metric: the median over seeds and, with several
+    seeds, [min, max]; n/a where a metric is unavailable."""
     lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    for label, m in models.items():
-        lines.append(f"| {label} | " + " | ".join(format_value(m.get(c)) for c in columns) + " |")
+    for label, m in summary.items():
+        lines.append(f"| {label} | " + " | ".join(format_spread(m.get(c)) for c in columns) + " |")
     return "\n".join(lines)
 
 
 def best_model(models: Mapping[str, Metrics], reference: str = "target",
                exclude: tuple[str, ...] = ("target", "oracle")) -> tuple[str | None, str]:
-    """The report's pick: the highest forget quality among models keeping ≥ 90 % of the reference's
-    model utility; if none does, the highest forget quality × utility ratio. Returns (label, why)."""
+    """The report's pick (on medians over seeds): the highest forget quality among models keeping ≥ 90 % of the
+    reference's model utility; if none does, the highest forget quality × utility ratio. Returns (label, why)."""
     ref = models.get(reference, {}).get("model_utility")
     scored: list[tuple[str, float, float]] = []
     for label, m in models.items():
@@ -52,8 +102,34 @@ def best_model(models: Mapping[str, Metrics], reference: str = "target",
     return label, f"no model keeps {UTILITY_KEPT:.0%} of {reference}'s utility; best forget quality × utility"
 
 
-def tradeoff_plot(models: Mapping[str, Metrics], path: Path, title: str = "") -> Path:
-    """Forget quality (log scale) against model utility, target and oracle marked; saved as PNG.
+def noise_floor(oracle_truth_ratios: Mapping[int, Sequence[float]]) -> dict[str, float]:
+    """Forget quality of each oracle against each other (seed pairs): KS p-values of their per-item forget truth
+    ratios. Both never saw the forget set, so these values are what chance alone gives; a method inside this
+    range cannot be told apart from retraining at this sample size. Returns `"i-j"` → p-value."""
+    from unlearning.evaluate.metrics import ks_pvalue
+
+    return {f"{i}-{j}": ks_pvalue(np.asarray(oracle_truth_ratios[i]), np.asarray(oracle_truth_ratios[j]))
+            for i, j in itertools.combinations(sorted(oracle_truth_ratios), 2)}
+
+
+def report_markdown(title: str, seeds: Sequence[int], table: str, best: str | None, why: str,
+                    floor: Mapping[str, float]) -> str:
+    """The report as markdown: the seeds, the table, the pick and, with several seeds, the noise floor."""
+    several = " (median [min, max] over the seeds; forget quality against the oracle of the same seed)"
+    lines = [f"# {title}", "", f"Seeds: {', '.join(map(str, seeds))}" + (several if len(seeds) > 1 else ""), "",
+             table, "", f"Best: {best} ({why})", ""]
+    if floor:
+        spread = format_spread(Spread.of(list(floor.values())))
+        lines += [f"Noise floor: the oracles of different seeds score forget quality {spread} against each other "
+                  f"({len(floor)} pairs): what two models that never saw the forget set score by chance alone.", ""]
+    return "\n".join(lines)
+
+
+def tradeoff_plot(summary: Mapping[str, Mapping[str, Spread]], path: Path, title: str = "",
+                  floor: Mapping[str, float] | None = None) -> Path:
+    """Forget quality (log scale) against model utility, target and oracle marked; saved as PNG. With several
+    seeds each point is the median and the bars span min to max, and the oracles' noise floor (`noise_floor`)
+    is a band.
 
     The oracle has no forget quality against itself; it is drawn at 1, the value of a model that is
     indistinguishable from it.
@@ -64,28 +140,41 @@ def tradeoff_plot(models: Mapping[str, Metrics], path: Path, title: str = "") ->
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    for label, m in models.items():
+    tiny = 1e-300  # where a p-value of 0 is drawn on the log axis
+    for label, m in summary.items():
         fq, mu = m.get("forget_quality"), m.get("model_utility")
-        if label == "oracle" and fq is None:
-            fq = 1.0
-        if fq is None or mu is None:
+        if label == "oracle" and (fq is None or fq.median is None):
+            fq = Spread.of([1.0])
+        if fq is None or mu is None or fq.median is None or mu.median is None:
             continue
         style = {"target": ("X", "tab:red", 120), "oracle": ("*", "tab:green", 180)}.get(label, ("o", "tab:blue", 50))
-        ax.scatter(mu, max(fq, 1e-300), marker=style[0], color=style[1], s=style[2], zorder=3)
-        ax.annotate(label, (mu, max(fq, 1e-300)), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        y = max(fq.median, tiny)
+        if len(mu.values) > 1 and mu.low is not None and mu.high is not None and fq.low is not None \
+                and fq.high is not None:
+            ax.errorbar(mu.median, y, xerr=[[mu.median - mu.low], [mu.high - mu.median]],
+                        yerr=[[y - max(fq.low, tiny)], [max(fq.high, tiny) - y]], fmt="none", ecolor=style[1],
+                        alpha=0.5, capsize=3, zorder=2)
+        ax.scatter(mu.median, y, marker=style[0], color=style[1], s=style[2], zorder=3)
+        ax.annotate(label, (mu.median, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.set_yscale("log")
+    if floor:
+        band = Spread.of(list(floor.values()))
+        if band.low is not None and band.high is not None:
+            ax.axhspan(max(band.low, tiny), max(band.high, tiny), color="tab:green", alpha=0.12, zorder=1,
+                       label="oracle vs oracle (noise floor)")
+            ax.legend(loc="lower left", fontsize=7)
     ax.axhline(0.05, color="grey", linestyle="--", linewidth=0.8)
     ax.text(ax.get_xlim()[0], 0.05, " p = 0.05", va="bottom", fontsize=7, color="grey")
     ax.set_xlabel("model utility (higher is better)")
     ax.set_ylabel("forget quality, KS p-value vs oracle (log)")
-    ax.set_title(title or "Forgetting vs utility")
+    seeds = max((len(m["model_utility"].values) for m in summary.values() if "model_utility" in m), default=1)
+    ax.set_title((title or "Forgetting vs utility") + (f" (median, min–max over {seeds} seeds)" if seeds > 1 else ""))
     ax.grid(True, which="major", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
 
 
 def sequence_plot(ledger: Mapping[str, Any], path: Path, title: str = "") -> Path:

@@ -80,12 +80,23 @@ def _device() -> Any:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def evaluated_rows(data: Any, split: str, cfg: ExperimentConfig) -> list[dict[str, Any]]:
+    """The rows of a split the evaluation scores: all of them, or `eval.max_items[split]` of them, a sample drawn
+    from the data seed and kept in split order, the same for every model."""
+    rows = list(data[split])
+    cap = cfg.eval.max_items.get(split)
+    if cap is None or cap >= len(rows):
+        return rows
+    keep = sorted(random.Random(f"{cfg.data_seed}-{split}").sample(range(len(rows)), cap))
+    return [rows[i] for i in keep]
+
+
 def run_probes(model: Any, data: Any, tokenizer: Any, cfg: ExperimentConfig, splits: list[str], *, generations: bool
                ) -> dict[str, SplitProbes]:
     """Every probe of every split (`data`: the prepared DatasetDict), on an already loaded model."""
-    return {s: probe_split(model, list(data[s]), tokenizer, cfg.data.template, max_length=cfg.data.max_length,
-                           batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
-                           generations=generations) for s in splits}
+    return {s: probe_split(model, evaluated_rows(data, s, cfg), tokenizer, cfg.data.template,
+                           max_length=cfg.data.max_length, batch_size=cfg.eval.batch_size,
+                           max_new_tokens=cfg.eval.max_new_tokens, generations=generations) for s in splits}
 
 
 def compute_metrics(probes: dict[str, SplitProbes], metric_names: tuple[str, ...], *, oracle: dict[str, Any] | None,
@@ -121,7 +132,8 @@ def evaluate_checkpoint(path: Path, prepared: PreparedData, cfg: ExperimentConfi
         "metrics": {k: v.value for k, v in values.items()},
         "unavailable": {k: v.reason for k, v in values.items() if v.value is None},
         "per_example": {k: v.per_example for k, v in values.items() if v.per_example is not None},
-        "generations": {s: {"question": list(data[s]["question"]), "answer": p.answers, "generation": p.generation}
+        "generations": {s: {"question": [r["question"] for r in evaluated_rows(data, s, cfg)], "answer": p.answers,
+                            "generation": p.generation}
                         for s, p in probes.items() if p.generation},
         "counts": {s: len(p) for s, p in probes.items()},
         "timing": {"probe_s": round(probe_s, 3), "metrics_s": round(time.perf_counter() - start, 3)},
@@ -161,10 +173,18 @@ def checkpoint_problems(cfg: ExperimentConfig, prepared: PreparedData) -> list[s
             problems.append(f"eval.models: {label}={path}: no checkpoint there (no config.json); give the directory "
                             "of a saved model (e.g. a run's model/ folder)")
     counts = prepared.info()["counts"]
-    missing = [s for s in cfg.eval.splits or [] if s not in counts]
-    if missing:
-        problems.append(f"eval.splits: {missing} are not prepared splits; available: {', '.join(counts)}")
+    for key, named in (("eval.splits", cfg.eval.splits or []), ("eval.max_items", list(cfg.eval.max_items))):
+        missing = [s for s in named if s not in counts]
+        if missing:
+            problems.append(f"{key}: {missing} are not prepared splits; available: {', '.join(counts)}")
     return problems
+
+
+def run_models(label: str, done: Any, cfg: ExperimentConfig) -> dict[str, Path]:
+    """Label → checkpoint of what one unlearning run (`Unlearned`) contributes to the evaluation: its snapshots
+    (`<label>@step<N>`, with train.snapshot_every and eval.snapshots), then its final model."""
+    steps = done.summary.get("snapshots", {}) if cfg.eval.snapshots else {}
+    return {**{f"{label}@step{step}": Path(path) for step, path in steps.items()}, label: done.model}
 
 
 def eval_order(cfg: ExperimentConfig, expanded: dict[str, list[str]], extra: dict[str, Path] | None = None
@@ -196,18 +216,23 @@ def evaluate(cfg: ExperimentConfig, extra: dict[str, Path] | None = None) -> dic
         built = build_models(cfg)
         paths.update({r: Path(getattr(built, r)) for r in ("target", "oracle") if r in roles})
     expanded: dict[str, list[str]] = {}
-    if "unlearned" in roles:
-        from unlearning.unlearn import unlearn
+    runs = method_runs(cfg) if "unlearned" in roles else {}
+    if runs or "merged" in roles:
+        from unlearning.merge.stage import training_jobs
+        from unlearning.unlearn import unlearn_many
 
-        runs = method_runs(cfg)
-        paths.update({label: unlearn(run).model for label, run in runs.items()})
-        expanded["unlearned"] = list(runs)
+        trained = unlearn_many(training_jobs(cfg, runs, "merged" in roles))  # one start of the ranks for all
+        expanded["unlearned"] = []
+        for label in runs:
+            models = run_models(label, trained[label], cfg)
+            paths.update(models)
+            expanded["unlearned"] += list(models)
     if "merged" in roles:
         from unlearning.merge.stage import Merged, merge
 
-        done = merge(cfg)
-        expanded["merged"] = [Merged.label(lam) for lam in done.models]
-        paths.update({Merged.label(lam): p for lam, p in done.models.items()})
+        merged = merge(cfg)
+        expanded["merged"] = [Merged.label(lam) for lam in merged.models]
+        paths.update({Merged.label(lam): p for lam, p in merged.models.items()})
     order = eval_order(cfg, expanded, extra)
     results: dict[str, ModelEval] = {}
     oracle = None

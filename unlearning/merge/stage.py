@@ -44,6 +44,16 @@ def finetune_config(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg.model_copy(update={"method": method, "train": train})
 
 
+FINETUNE_JOB = "(merge.finetune)"  # its label among training jobs: no method label can take this form
+
+
+def training_jobs(cfg: ExperimentConfig, runs: dict[str, ExperimentConfig], merged: bool
+                  ) -> dict[str, ExperimentConfig]:
+    """Every training job of a config's evaluation: the method runs, and the merge's forget fine-tune when merged
+    models are evaluated (so that one start of the ranks trains them all)."""
+    return {**runs, **({FINETUNE_JOB: finetune_config(cfg)} if merged else {})}
+
+
 def merge(cfg: ExperimentConfig) -> Merged:
     """Build or reuse θ_ft and one negated model per λ; reuse merged models already written."""
     MERGES.get(cfg.merge.method)

@@ -35,8 +35,9 @@ from unlearning.methods.answers import layouts
 from unlearning.train import engine as ds
 from unlearning.train.loop import LoopResult, run_loop
 from unlearning.train.objective import UnlearningObjective, needs
-from unlearning.train.reference import mean_probability, reference_logprobs
+from unlearning.train.reference import reference_logprobs
 from unlearning.train.sampler import Layout, Stream, micro_batches
+from unlearning.train.stopping import StopRuleError, StopRules
 
 FAULT_ENV = "UNLEARN_FAULT_AFTER_STEP"  # crash on purpose after this step's checkpoint (recovery tests)
 FAILED_EXIT = 3
@@ -97,10 +98,10 @@ def _streams(cfg: ExperimentConfig, engine: Any, splits: Any, tok: Any, need: di
     return streams
 
 
-def export_model(cfg: ExperimentConfig, ckpt_dir: Path, tag: str, target: str, tokenizer: Any, run_dir: Path
-                 ) -> dict[str, str]:
-    """Consolidate checkpoint `tag` into `run_dir/model` (merged HF safetensors) and, with LoRA,
-    `run_dir/adapter`. Written to temporary directories and renamed into place."""
+def export_model(cfg: ExperimentConfig, ckpt_dir: Path, tag: str, target: str, tokenizer: Any, model_dir: Path,
+                 adapter_dir: Path | None = None) -> dict[str, str]:
+    """Consolidate checkpoint `tag` into `model_dir` (merged HF safetensors) and, with LoRA and an
+    `adapter_dir`, the adapter there. Written to temporary siblings and renamed into place."""
     from unlearning.models import DTYPES, load_causal_lm
 
     state = ds.consolidated_state_dict(ckpt_dir, tag, cfg.train.zero_stage)
@@ -119,22 +120,29 @@ def export_model(cfg: ExperimentConfig, ckpt_dir: Path, tag: str, target: str, t
     paths = {}
     staged = []
     if cfg.train.lora.enabled:
-        adapter_tmp = run_dir / ".adapter.tmp"
-        shutil.rmtree(adapter_tmp, ignore_errors=True)
-        model.save_pretrained(str(adapter_tmp))
-        staged.append((adapter_tmp, run_dir / "adapter"))
-        paths["adapter"] = str(run_dir / "adapter")
+        if adapter_dir is not None:
+            adapter_tmp = adapter_dir.with_name(f".{adapter_dir.name}.tmp")
+            shutil.rmtree(adapter_tmp, ignore_errors=True)
+            model.save_pretrained(str(adapter_tmp))
+            staged.append((adapter_tmp, adapter_dir))
+            paths["adapter"] = str(adapter_dir)
         model = model.merge_and_unload()
-    model_tmp = run_dir / ".model.tmp"
+    model_tmp = model_dir.with_name(f".{model_dir.name}.tmp")
     shutil.rmtree(model_tmp, ignore_errors=True)
     model.to(DTYPES[cfg.model.dtype]).save_pretrained(str(model_tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(model_tmp))
-    staged.append((model_tmp, run_dir / "model"))
+    staged.append((model_tmp, model_dir))
     for tmp, final in staged:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-    paths["model"] = str(run_dir / "model")
+    paths["model"] = str(model_dir)
     return paths
+
+
+def snapshots(run_dir: Path) -> dict[int, str]:
+    """Step → the HF model saved at that step (`train.snapshot_every`), in step order."""
+    found = [p for p in (run_dir / "snapshots").glob("step*") if p.is_dir() and p.name[4:].isdigit()]
+    return {int(p.name[4:]): str(p) for p in sorted(found, key=lambda p: int(p.name[4:]))}
 
 
 def _peak_memory_mb(device: torch.device, rss_start_mb: float, train_peak_mb: float) -> dict[str, float]:
@@ -188,7 +196,6 @@ def run(spec: dict[str, Any]) -> JobOutput:
     state = ds.load_latest(engine, ckpt_dir) or {}
     start_step = int(state.get("step", 0))
     history: list[dict[str, float]] = list(state.get("history", []))
-    utility: list[dict[str, float]] = list(state.get("utility", []))
 
     prepared = PreparedData(Path(spec["data"]), spec["data_fingerprint"])
     splits, tok, need = prepared.splits(), prepared.tokenizer(), needs(cfg.method)
@@ -200,38 +207,33 @@ def run(spec: dict[str, Any]) -> JobOutput:
     batches = micro_batches(streams, layout, rank=place.rank, seed=cfg.seed, pad_id=tok.pad_token_id,
                             start_step=start_step, paired={"idk": "forget"} if "idk" in streams else None)
 
-    stop = train.stop
-    sample = _utility_sample(splits["retain"], cfg) if stop.utility_floor is not None else []
-
-    def check_utility(step: int) -> float:
-        p = mean_probability(engine.module, sample, pad_id=tok.pad_token_id, batch_size=cfg.eval.batch_size)
-        utility.append({"step": step, "retain_probability": p})
-        return p
-
-    if stop.utility_floor is not None and start_step == 0:
-        p0 = check_utility(0)
-        if p0 < stop.utility_floor:
-            raise JobError(f"train.stop.utility_floor={stop.utility_floor} is above the starting model's retain "
-                           f"probability {p0:.4f}: the run would stop at once; lower the floor")
+    rules = StopRules(train.stop, engine.module, splits, tokenizer=tok, template=cfg.data.template,
+                      max_length=cfg.data.max_length, batch_size=cfg.eval.batch_size, seed=cfg.seed, state=state)
+    if start_step == 0:
+        try:
+            rules.start()
+        except StopRuleError as e:
+            raise JobError(str(e)) from e
     saved = {"step": start_step}
     fault_after = int(os.environ.get(FAULT_ENV, "0") or 0)
 
     def client_state(step: int) -> dict[str, Any]:
-        return {"step": step, "history": history, "utility": utility}
+        return {"step": step, "history": history, **rules.state()}
 
     def on_step(record: dict[str, float]) -> str | None:
         step = int(record["step"])
         history.append(record)
-        reason = None
-        if stop.forget_loss_bound is not None and record["forget_nll"] >= stop.forget_loss_bound:
-            reason = "forget_loss_bound"
-        floor, every = stop.utility_floor, stop.utility_every
-        if reason is None and floor is not None and step % every == 0 and check_utility(step) < floor:
-            reason = "utility_floor"
-        if train.checkpoint_every and step % train.checkpoint_every == 0:
+        reason = rules.after(record)
+        snapshot = bool(train.snapshot_every) and step % train.snapshot_every == 0 and not reason \
+            and step < train.max_steps  # the run's last step is its model/
+        if snapshot or (train.checkpoint_every and step % train.checkpoint_every == 0):
             ds.save_checkpoint(engine, ckpt_dir, step, client_state(step), frozen=not train.lora.enabled,
                                keep=train.keep_checkpoints)
             saved["step"] = step
+        if snapshot:
+            if place.rank == 0:
+                export_model(cfg, ckpt_dir, f"step{step}", spec["target"], tok, run_dir / "snapshots" / f"step{step}")
+            dist.barrier()
         if fault_after and step == fault_after:
             raise RuntimeError(f"fault injected after step {step} ({FAULT_ENV}={fault_after})")
         return reason
@@ -248,14 +250,17 @@ def run(spec: dict[str, Any]) -> JobOutput:
 
     summary: dict[str, Any] = {}
     if place.rank == 0:
-        paths = export_model(cfg, ckpt_dir, f"step{result.steps}", spec["target"], tok, run_dir)
+        paths = export_model(cfg, ckpt_dir, f"step{result.steps}", spec["target"], tok, run_dir / "model",
+                             run_dir / "adapter")
         summary = {
             "method": cfg.method.model_dump(), "target": spec["target"], "data_fingerprint": prepared.fingerprint,
             **paths, "steps": result.steps, "max_steps": train.max_steps, "stopped_by": result.stopped_by,
             "resumed_from_step": start_step, "world_size": place.world, "zero_stage": train.zero_stage,
             "lora": train.lora.enabled, "global_batch": layout.global_batch,
             "answer_logits_only": ways.keep, "packing": train.packing and ways.pack,
-            "losses": history, "utility_checks": utility, "final": history[-1] if history else {},
+            "snapshots": snapshots(run_dir),
+            "losses": history, "utility_checks": rules.utility, "holdout_checks": rules.holdout,
+            "final": history[-1] if history else {},
             "tokens": int(tokens.item()), "train_s": round(result.wall_s, 3),
             "tokens_per_s": round(float(tokens.item()) / result.wall_s, 1) if result.wall_s else 0.0,
             **memory, "wall_s": round(time.perf_counter() - start, 2),
@@ -265,7 +270,3 @@ def run(spec: dict[str, Any]) -> JobOutput:
     dist.barrier()
     return JobOutput(engine, result, summary, zero3_handle)
 
-
-def _utility_sample(retain: Any, cfg: ExperimentConfig) -> list[dict[str, Any]]:
-    order = torch.randperm(len(retain), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    return [retain[i] for i in order[: cfg.train.stop.utility_sample]]
