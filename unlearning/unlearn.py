@@ -255,16 +255,28 @@ def unlearn_many(cfgs: Mapping[str, ExperimentConfig], *, prepared: PreparedData
     Every run's problems are reported before anything starts."""
     raise_if([p for cfg in cfgs.values() for p in launch_problems(cfg)])
     own_data = prepared is None
-    data = {label: prepared or prepare(cfg) for label, cfg in cfgs.items()}
+
+    def shared(cfg: ExperimentConfig) -> str:  # runs of one config differ in method and train only
+        return content_hash(cfg.data.model_dump(), cfg.model.model_dump(), cfg.seed, str(cfg.out))
+
+    prepared_by: dict[str, PreparedData] = {}
+    for cfg in cfgs.values():
+        if shared(cfg) not in prepared_by:
+            prepared_by[shared(cfg)] = prepared or prepare(cfg)
+    data = {label: prepared_by[shared(cfg)] for label, cfg in cfgs.items()}
     raise_if(list(dict.fromkeys(p for label, cfg in cfgs.items() for p in data_problems(cfg, data[label]))))
-    targets, target_probs = {}, {}
+    targets: dict[str, Path] = {}
+    target_probs: dict[str, dict[str, float] | None] = {}
+    built_by: dict[str, Any] = {}
     for label, cfg in cfgs.items():
-        if target is None:
-            built = build_models(cfg)
-            targets[label] = Path(built.target)
-            target_probs[label] = built.summary["probability"]["target"] if own_data else None
-        else:
+        if target is not None:
             targets[label], target_probs[label] = Path(target), None
+            continue
+        if shared(cfg) not in built_by:
+            built_by[shared(cfg)] = build_models(cfg)
+        built = built_by[shared(cfg)]
+        targets[label] = Path(built.target)
+        target_probs[label] = built.summary["probability"]["target"] if own_data else None
     jobs = {label: job_spec(cfg, str(targets[label]), data[label]) for label, cfg in cfgs.items()}
     pending = [label for label, (run_dir, _) in jobs.items() if not (run_dir / "run_summary.json").is_file()]
     groups: dict[tuple[Any, ...], list[str]] = {}

@@ -15,6 +15,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+
 from unlearning.train.job import FAILED_EXIT, JobError, record_failure, run
 from unlearning.train.loop import NonFiniteLoss
 
@@ -68,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         with output_to(run_dir / "train.log") if len(args.specs) > 1 else contextlib.nullcontext():
             ok = run_one(spec)
         gc.collect()  # the last job's engine, before the next one builds its own
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         if not ok:
             return FAILED_EXIT
     return 0
