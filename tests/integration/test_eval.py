@@ -11,6 +11,7 @@ import torch
 from tests.conftest import MEMORISE
 from unlearning.data.prepare import prepare
 from unlearning.errors import UserError
+from unlearning.evaluate.metrics import harmonic_mean
 from unlearning.evaluate.naive import probe_split_naive
 from unlearning.evaluate.probes import Scores, probe_split
 from unlearning.evaluate.runner import evaluate
@@ -172,3 +173,22 @@ def test_memorisation_and_membership_metrics_equal_open_unlearnings_arithmetic(b
     score, ref_auc = 1 - aucs["target"], 1 - aucs["oracle"]
     assert results["target"].metrics["privleak"] == pytest.approx((score - ref_auc) / (ref_auc + 1e-10) * 100)
     assert results["target"].metrics["privleak"] < 0  # the target still recognises its forget set
+
+
+def test_tofus_real_sets_evaluate_beside_the_synthetic_ones_with_nine_utility_terms(pico):
+    """TOFU's packaged real_authors and world_facts sets as extra evaluation splits: model utility has TOFU's 9
+    terms (probability, ROUGE and truth ratio on retain and on each set), the sets' probability is the choice
+    probability over the 4 options and their truth ratio is taken against the answer."""
+    cfg = pico(data={"max_length": 160, "splits": {"real_authors": "builtin:tofu/real_authors",
+                                                     "real_world": "builtin:tofu/world_facts"}},
+               eval={"models": ["target"], "utility_splits": ["real_authors", "real_world"], "max_new_tokens": 4,
+                     "max_items": {"real_authors": 20, "real_world": 20}})
+    result = evaluate(cfg)["target"].result
+    terms = result["per_example"]["model_utility"]
+    assert set(terms) == {f"{s}_{m}" for s in ("retain", "real_authors", "real_world")
+                          for m in ("probability", "rouge", "truth_ratio")}
+    assert result["counts"]["real_authors"] == 20
+    # A model trained from scratch knows no real author (ROUGE 0 there), so its utility is 0: TOFU's harmonic mean.
+    assert result["metrics"]["model_utility"] == pytest.approx(harmonic_mean(list(terms.values())))
+    assert 0 < result["metrics"]["real_authors_probability"] < 1  # p_true / (p_true + Σ p_wrong) of each item
+    assert len(result["per_example"]["real_world_truth_ratio"]) == 20
