@@ -294,10 +294,11 @@ def write_report(out: Path, title: str, by_seed: SeedEvals, tracker: NullTracker
     floor = noise_floor({s: tr for s, tr in oracles.items() if tr is not None})
     out.mkdir(parents=True, exist_ok=True)
     plot = tradeoff_plot(summary, out / "tradeoff.png", title=title, floor=floor)
-    text = report_markdown(title, list(by_seed), results_table(summary), best, why, floor)
+    table = results_table(summary)
+    text = report_markdown(title, list(by_seed), table, best, why, floor)
     (out / "report.md").write_text(f"{text}\nPlot: {plot}\n")
     link, command = tracker.run_url(), ui_command(getattr(tracker, "uri", ""))
-    report = {"title": title, "table": results_table(summary), "best": best, "why": why, "plot": str(plot),
+    report = {"title": title, "table": table, "best": best, "why": why, "plot": str(plot),
               "seeds": list(by_seed), "metrics": medians(summary),
               "spread": {label: {k: [v.low, v.high] for k, v in m.items()} for label, m in summary.items()},
               "per_seed": per_seed(lambda r: r.metrics), "noise_floor": floor,
