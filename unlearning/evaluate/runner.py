@@ -91,12 +91,12 @@ def evaluated_rows(data: Any, split: str, cfg: ExperimentConfig) -> list[dict[st
     return [rows[i] for i in keep]
 
 
-def run_probes(model: Any, data: Any, tokenizer: Any, cfg: ExperimentConfig, splits: list[str], *, generations: bool
-               ) -> dict[str, SplitProbes]:
-    """Every probe of every split (`data`: the prepared DatasetDict), on an already loaded model."""
-    return {s: probe_split(model, evaluated_rows(data, s, cfg), tokenizer, cfg.data.template,
-                           max_length=cfg.data.max_length, batch_size=cfg.eval.batch_size,
-                           max_new_tokens=cfg.eval.max_new_tokens, generations=generations) for s in splits}
+def run_probes(model: Any, rows: dict[str, list[dict[str, Any]]], tokenizer: Any, cfg: ExperimentConfig, *,
+               generations: bool) -> dict[str, SplitProbes]:
+    """Every probe of every split (`rows`: split → the evaluated rows), on an already loaded model."""
+    return {s: probe_split(model, r, tokenizer, cfg.data.template, max_length=cfg.data.max_length,
+                           batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+                           generations=generations) for s, r in rows.items()}
 
 
 def compute_metrics(probes: dict[str, SplitProbes], metric_names: tuple[str, ...], *, oracle: dict[str, Any] | None,
@@ -120,7 +120,8 @@ def evaluate_checkpoint(path: Path, prepared: PreparedData, cfg: ExperimentConfi
     start = time.perf_counter()
     model = load_causal_lm(path, cfg.model.dtype, cfg.model.trust_remote_code).to(_device())
     data = prepared.splits()
-    probes = run_probes(model, data, prepared.tokenizer(), cfg, splits, generations=suite.generations)
+    rows = {s: evaluated_rows(data, s, cfg) for s in splits}
+    probes = run_probes(model, rows, prepared.tokenizer(), cfg, generations=suite.generations)
     probe_s = time.perf_counter() - start
     start = time.perf_counter()
     values = compute_metrics(probes, suite.metrics, oracle=oracle.result if oracle else None, is_oracle=is_oracle,
@@ -132,7 +133,7 @@ def evaluate_checkpoint(path: Path, prepared: PreparedData, cfg: ExperimentConfi
         "metrics": {k: v.value for k, v in values.items()},
         "unavailable": {k: v.reason for k, v in values.items() if v.value is None},
         "per_example": {k: v.per_example for k, v in values.items() if v.per_example is not None},
-        "generations": {s: {"question": [r["question"] for r in evaluated_rows(data, s, cfg)], "answer": p.answers,
+        "generations": {s: {"question": [r["question"] for r in rows[s]], "answer": p.answers,
                             "generation": p.generation}
                         for s, p in probes.items() if p.generation},
         "counts": {s: len(p) for s, p in probes.items()},
