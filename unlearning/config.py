@@ -46,8 +46,18 @@ class Template(Strict):
     """How a QA pair becomes text. Prompt tokens are masked out of the labels."""
 
     prompt: str = "Question: {question}\nAnswer:"
-    answer: str = " {answer}"
-    chat: bool = Field(False, description="use the tokenizer's chat template instead of `prompt`")
+    answer: str | None = Field(None, description="how the answer follows the prompt; default ' {answer}' after "
+                               "`prompt`, '{answer}' after a chat template's assistant turn")
+    chat: bool | None = Field(None, description="use the tokenizer's chat template instead of `prompt`; default: "
+                              "when the tokenizer has one (a chat model's), else not")
+
+    def uses_chat(self, tokenizer: Any) -> bool:
+        """Whether prompts go through `tokenizer`'s chat template."""
+        return bool(getattr(tokenizer, "chat_template", None)) if self.chat is None else self.chat
+
+    def answer_text(self, answer: str, chat: bool) -> str:
+        """The text an answer is encoded from, after its prompt."""
+        return (self.answer or ("{answer}" if chat else " {answer}")).format(answer=answer)
 
     @pydantic.field_validator("prompt")
     @classmethod
@@ -58,8 +68,8 @@ class Template(Strict):
 
     @pydantic.field_validator("answer")
     @classmethod
-    def _has_answer(cls, v: str) -> str:
-        if "{answer}" not in v:
+    def _has_answer(cls, v: str | None) -> str | None:
+        if v is not None and "{answer}" not in v:
             raise ValueError("must contain the placeholder {answer}")
         return v
 

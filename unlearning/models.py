@@ -1,7 +1,7 @@
 """The build-models stage: the target (knows the facts) and the retain oracle (never saw the forget set).
 
 Both come from the same recipe and seed: a tiny Llama-architecture model built from `model.tiny` (the
-embedded default) or any `from_pretrained` causal LM (`model.base`), fine-tuned on forget ∪ retain
+embedded default) or any `from_pretrained` causal LM or GGUF file (`model.base`), fine-tuned on forget ∪ retain
 (target) or retain only (oracle); for the synthetic benchmark the world-fact utility set is in both.
 Existing checkpoints (`model.target`, `model.oracle`) are used as they are. Built models are saved as
 safetensors HF directories named by a hash of everything that went into them, so a rerun with the same
@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from unlearning.checkpoints import checkpoint_dir
 from unlearning.config import ExperimentConfig, content_hash
 from unlearning.data.prepare import PreparedData, prepare
 from unlearning.data.tokenize import collate
@@ -52,7 +53,7 @@ def model_identity(path: str | Path) -> str:
 def training_splits(cfg: ExperimentConfig, role: str) -> list[str]:
     """Splits a role is fine-tuned on; the synthetic world facts stay in both (a utility measure)."""
     base = ["forget", "retain"] if role == "target" else ["retain"]
-    return [*base, "world_facts"] if cfg.data.source == "synthetic" else base
+    return [*base, "world_facts"] if cfg.data.source == "synthetic" and cfg.data.synthetic.num_utility else base
 
 
 def training_seed(cfg: ExperimentConfig) -> int:
@@ -77,12 +78,12 @@ def tiny_llama(cfg: ExperimentConfig, tokenizer: Any) -> Any:
 
 
 def load_causal_lm(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False) -> Any:
-    """Load any HF causal LM (safetensors weights) by name or path."""
+    """Load any HF causal LM (safetensors weights) by name or path, or from a GGUF file (converted once)."""
     from transformers import AutoModelForCausalLM
 
     try:
         return AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True)
+            checkpoint_dir(path), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True)
     except Exception as e:
         raise UserError(f"could not load a causal LM from {str(path)!r}: {type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}") from e
@@ -99,7 +100,10 @@ def model_configs(cfg: ExperimentConfig) -> tuple[dict[str, Any], list[str]]:
         if not src:
             continue
         try:
-            configs[key] = (src, AutoConfig.from_pretrained(src, trust_remote_code=cfg.model.trust_remote_code))
+            configs[key] = (src, AutoConfig.from_pretrained(checkpoint_dir(src),
+                                                            trust_remote_code=cfg.model.trust_remote_code))
+        except UserError as e:
+            problems.append(f"{key}: {e}")
         except Exception as e:
             problems.append(f"{key}: no model config at {src!r} ({type(e).__name__}); give an HF checkpoint "
                             "directory (with config.json) or a valid model name")
@@ -188,7 +192,7 @@ def build_models(cfg: ExperimentConfig) -> BuiltModels:
     for role in ("target", "oracle"):
         given = getattr(cfg.model, role)
         if given:
-            paths[role] = Path(given)
+            paths[role] = Path(checkpoint_dir(given))
             continue
         key = content_hash(BUILD_VERSION, prepared.fingerprint, cfg.model.base, cfg.model.tiny.model_dump(),
                            cfg.model.finetune.model_dump(), cfg.model.dtype, cfg.seed, training_splits(cfg, role))

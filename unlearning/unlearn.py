@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from unlearning.checkpoints import checkpoint_dir
 from unlearning.config import ExperimentConfig, content_hash, dump_yaml
 from unlearning.data.prepare import PreparedData, prepare
 from unlearning.errors import UserError, raise_if
@@ -104,7 +105,7 @@ def _lora_problems(cfg: ExperimentConfig, tokenizer: Any) -> list[str]:
         if source is None:
             model, source = tiny_llama(cfg, tokenizer), "the tiny model"
         else:
-            config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
+            config = AutoConfig.from_pretrained(checkpoint_dir(source), trust_remote_code=cfg.model.trust_remote_code)
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
     leaves = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     unknown = [m for m in cfg.train.lora.target_modules if m not in leaves]
@@ -173,7 +174,8 @@ def launch(cfg: ExperimentConfig, jobs: list[tuple[dict[str, Any], Path]]) -> No
                        hostfile=train.hostfile, master_addr=master_addr, master_port=port, node_rank=node_rank,
                        on_cpu=not on_gpu())
     log = jobs[0][1] / ("train.log" if len(jobs) == 1 else "launch.log")
-    names = ", ".join(spec["config"]["method"]["name"] for spec, _ in jobs)
+    names = ", ".join(spec["config"]["method"]["name"] + (" (LoRA)" if spec["config"]["train"]["lora"]["enabled"]
+                                                          else "") for spec, _ in jobs)
     print(f"training {names} on {world_size(cfg)} rank(s); log: {jobs[0][1] / 'train.log'}"
           + (f" and {len(jobs) - 1} more" if len(jobs) > 1 else ""), file=sys.stderr, flush=True)
     with log.open("a") as out:

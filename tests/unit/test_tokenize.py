@@ -76,7 +76,25 @@ def test_chat_template_prompt_is_masked(tok):
         tok.chat_template = None
     n_prompt = enc["labels"].count(IGNORE_INDEX)
     assert tok.decode(enc["input_ids"][:n_prompt]).endswith("[assistant]")
-    assert tok.decode(enc["input_ids"][n_prompt:-1]) == " Drulzeath."
+    assert tok.decode(enc["input_ids"][n_prompt:-1]) == "Drulzeath."  # the assistant turn starts the answer
+
+
+def test_chat_is_the_default_when_the_tokenizer_has_a_template(tok):
+    """A chat model's tokenizer brings its template: unset `chat` uses it, with the answer right after the
+    assistant turn; a tokenizer without one (the trained default) gets the plain prompt and ' {answer}'."""
+    plain = encode_qa(tok, Template(), "Where was Ada Vorn born?", "Drulzeath.", max_length=64)
+    assert tok.decode(plain["input_ids"]).startswith("<s>Question: Where was Ada Vorn born?\nAnswer: Drulzeath.")
+    tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}" \
+                        "{% if add_generation_prompt %}[assistant]{% endif %}"
+    try:
+        auto = encode_qa(tok, Template(), "Where was Ada Vorn born?", "Drulzeath.", max_length=64)
+        off = encode_qa(tok, Template(chat=False), "Where was Ada Vorn born?", "Drulzeath.", max_length=64)
+    finally:
+        tok.chat_template = None
+    n_prompt = auto["labels"].count(IGNORE_INDEX)
+    assert tok.decode(auto["input_ids"][:n_prompt]).endswith("[user] Where was Ada Vorn born?\n[assistant]")
+    assert tok.decode(auto["input_ids"][n_prompt:-1]) == "Drulzeath."
+    assert off == plain
 
 
 def test_a_prompt_that_leaves_no_answer_token_is_an_error_not_a_probability_of_one(tok):

@@ -64,7 +64,7 @@ def _texts(records: dict[str, list[dict[str, Any]]]) -> list[str]:
 
 def _template_texts(cfg: ExperimentConfig) -> list[str]:
     # The template's own words, so the trained tokenizer encodes them compactly.
-    return [cfg.data.template.prompt.format(question=""), cfg.data.template.answer.format(answer="")]
+    return [cfg.data.template.prompt.format(question=""), cfg.data.template.answer_text("", chat=False)]
 
 
 def _prompt_problems(records: dict[str, list[dict[str, Any]]], tokenizer: Any, cfg: ExperimentConfig) -> list[str]:

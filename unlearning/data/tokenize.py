@@ -41,11 +41,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
-    """Load a model's tokenizer; give it a pad token (EOS) when it has none."""
+    """Load a model's tokenizer (a GGUF file's from its converted checkpoint); give it a pad token (EOS) when it
+    has none."""
     from transformers import AutoTokenizer
 
+    from unlearning.checkpoints import checkpoint_dir
+
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(checkpoint_dir(name_or_path), trust_remote_code=trust_remote_code)
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f"could not load a tokenizer from {name_or_path!r}: {type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}; set data.tokenizer.name to a valid "
@@ -64,7 +69,7 @@ def _ids(encoded: Any) -> list[int]:
 
 def encode_prompts(tokenizer: Any, template: Template, questions: Sequence[str]) -> list[list[int]]:
     """Token ids of the prompt that precedes each answer (BOS included when the tokenizer adds one)."""
-    if template.chat:
+    if template.uses_chat(tokenizer):
         if not getattr(tokenizer, "chat_template", None):
             raise UserError("data.template.chat=true but the tokenizer has no chat template; set it to false")
         return [_ids(tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
@@ -92,7 +97,8 @@ def encode_qa_many(tokenizer: Any, template: Template, pairs: Sequence[tuple[str
         return []
     questions = list(dict.fromkeys(q for q, _ in pairs))  # each distinct prompt encoded once
     prompts = dict(zip(questions, encode_prompts(tokenizer, template, questions), strict=True))
-    answers = tokenizer([template.answer.format(answer=a) for _, a in pairs], add_special_tokens=False)["input_ids"]
+    chat = template.uses_chat(tokenizer)
+    answers = tokenizer([template.answer_text(a, chat) for _, a in pairs], add_special_tokens=False)["input_ids"]
     out = []
     for (q, _), answer in zip(pairs, answers, strict=True):
         answer_ids = [*answer, tokenizer.eos_token_id]
