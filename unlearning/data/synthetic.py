@@ -194,6 +194,7 @@ def generate(cfg: SyntheticData, forget_fraction: float, holdout_fraction: float
     splits = {s: [qa for i in sorted(idx) for qa in people[i]] for s, idx in by_split.items()}
     countries = _unique_words(rng, max(1, -(-cfg.num_utility // len(_WORLD_KINDS))), (2, 3), taken)
     world = [_qa(k, c, rng, pools, cfg.num_perturbed, cfg.answer_style) for c in countries for k in _WORLD_KINDS]
-    splits["world_facts"] = world[:cfg.num_utility]
+    if cfg.num_utility:  # none asked: no empty split (a model's utility is then measured on other sets)
+        splits["world_facts"] = world[:cfg.num_utility]
     return splits
 
