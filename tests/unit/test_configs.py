@@ -38,3 +38,17 @@ def test_the_tofu_configs_follow_open_unlearnings_recipe(path: Path):
     assert t.max_steps == 10 * (forget_items // 32)  # an epoch: the whole global batches of the forget set
     assert cfg.data.splits["forget"] == f"forget{split}_perturbed" and cfg.data.splits["holdout"] == f"holdout{split}"
     assert cfg.model.oracle is not None and cfg.model.oracle.endswith(f"retain{100 - int(split)}")
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.name.startswith("muse_")], ids=lambda p: p.stem)
+def test_the_muse_configs_follow_open_unlearnings_recipe(path: Path):
+    """MUSE's published target and retrain models of the corpus, its knowmem QA splits, a global batch of 32 at
+    lr 1e-5 for 10 epochs of the 100 forget questions, and ZeRO-3 for a 7B full fine-tune."""
+    cfg = load_config(path)
+    corpus = path.stem.split("_")[1].capitalize()
+    assert cfg.data.path == f"muse-bench/MUSE-{corpus}" and cfg.data.splits["forget"] == "knowmem:forget_qa"
+    assert (cfg.model.target, cfg.model.oracle) == (f"muse-bench/MUSE-{corpus}_target",
+                                                    f"muse-bench/MUSE-{corpus}_retrain")
+    t = cfg.train
+    assert t.batch_size * t.grad_accum * t.num_processes == 32 and t.lr == 1e-5 and t.max_steps == 10 * (100 // 32)
+    assert t.zero_stage == 3 and t.bf16 and cfg.eval.suite == "muse"
