@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from unlearning.checkpoints import checkpoint_dir
-from unlearning.config import ExperimentConfig, content_hash
+from unlearning.config import GENERATED_SPLITS, ExperimentConfig, content_hash
 from unlearning.data.prepare import PreparedData, prepare
 from unlearning.data.tokenize import collate
 from unlearning.errors import UserError, raise_if
@@ -158,11 +158,13 @@ def finetune(cfg: ExperimentConfig, prepared: PreparedData, role: str, out: Path
 
 
 def probabilities(model_dir: Path, prepared: PreparedData, cfg: ExperimentConfig) -> dict[str, float]:
-    """Mean length-normalised answer probability of a model on each prepared split."""
+    """Mean length-normalised answer probability of a model on the splits runs train on and against (forget,
+    retain, holdout, world_facts): the quick check every stage prints. Further evaluation sets (TOFU's real ones,
+    scored as a choice among perturbed answers) are the evaluation's, which would score them again anyway."""
     model = load_causal_lm(model_dir, cfg.model.dtype, cfg.model.trust_remote_code)
     splits, pad = prepared.splits(), prepared.tokenizer().pad_token_id
     out = {}
-    for name in splits:
+    for name in [s for s in GENERATED_SPLITS if s in splits]:
         logp, n = answer_logprobs(model, splits[name], pad_id=pad, batch_size=cfg.eval.batch_size)
         out[name] = round(float(normalised_probability(logp, n).mean()), 4)
     return out
