@@ -30,6 +30,7 @@ from prefect.cache_policies import NO_CACHE
 
 import unlearning
 from unlearning import stages
+from unlearning.checkpoints import checkpoint_dir
 from unlearning.config import (
     ExperimentConfig,
     Stage,
@@ -48,6 +49,7 @@ from unlearning.evaluate.report import (
     report_markdown,
     results_table,
     summarise,
+    table_columns,
     tradeoff_plot,
 )
 from unlearning.evaluate.runner import eval_key
@@ -212,7 +214,8 @@ def run_stages(cfg: ExperimentConfig, tracker: NullTracker, tag: str = ""
     raise_if(stages.preflight(cfg, prepared))  # every config/data problem, before any model is built
 
     roles = {entry for entry in cfg.eval.models if "=" not in entry}
-    paths: dict[str, Path] = {label: Path(p) for label, sep, p in (e.partition("=") for e in cfg.eval.models) if sep}
+    paths: dict[str, Path] = {label: Path(checkpoint_dir(p)) for label, sep, p in (e.partition("=")
+                                                                                   for e in cfg.eval.models) if sep}
     expanded: dict[str, list[str]] = {}
     with tracker.run("build-models", nested=True):
         built = call(build_task, build_key, "build-models", "build", cfg, prepared)
@@ -294,7 +297,7 @@ def write_report(out: Path, title: str, by_seed: SeedEvals, tracker: NullTracker
     floor = noise_floor({s: tr for s, tr in oracles.items() if tr is not None})
     out.mkdir(parents=True, exist_ok=True)
     plot = tradeoff_plot(summary, out / "tradeoff.png", title=title, floor=floor)
-    table = results_table(summary)
+    table = results_table(summary, table_columns(summary))
     text = report_markdown(title, list(by_seed), table, best, why, floor)
     (out / "report.md").write_text(f"{text}\nPlot: {plot}\n")
     link, command = tracker.run_url(), ui_command(getattr(tracker, "uri", ""))

@@ -179,7 +179,7 @@ def _print_report(report: dict[str, Any], uri: str) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from unlearning.evaluate.report import COLUMNS, Spread, format_spread, summarise
+    from unlearning.evaluate.report import Spread, format_spread, summarise, table_columns
     from unlearning.tracking import ui_command, ui_url
 
     summary = summarise({int(seed): models for seed, models in report["per_seed"].items()})
@@ -187,11 +187,12 @@ def _print_report(report: dict[str, Any], uri: str) -> None:
     table = Table(title=escape(report["title"] + (f", seeds {', '.join(map(str, report['seeds']))}: median "
                                                   "[min, max]" if several else "")))
     table.add_column("model")
-    for column in COLUMNS:
+    columns = table_columns(summary)
+    for column in columns:
         table.add_column(column, justify="right")
     for label, m in summary.items():
-        table.add_row(label, *(format_spread(m.get(c)) for c in COLUMNS))
-    console = _wide_console(40 + (16 if not several else 30) * len(COLUMNS))
+        table.add_row(label, *(format_spread(m.get(c)) for c in columns))
+    console = _wide_console(40 + (16 if not several else 30) * len(columns))
     console.print(table)
     cached = sum(state == "Cached" for state in report["stages"].values())
     console.print(f"best: {report['best']} ({report['why']}{', on medians' if several else ''})", markup=False)

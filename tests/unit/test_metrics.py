@@ -49,6 +49,19 @@ def test_choice_probability():
     assert got == pytest.approx([0.665241], abs=1e-6)
 
 
+def test_choice_accuracy_sums_the_answer_tokens_without_the_eos():
+    """Item 1: answer tokens −1, −1 then EOS −9 (sum without EOS −2) vs a wrong answer −0.5, −3 then EOS −0.1
+    (−3.5): right, although the EOS makes the answer's mean log-p the lower one (−11/3 vs −3.6/3). Item 2: the
+    wrong answer's −1.5 beats the answer's −2 (a single token, its EOS −0.1 left out): wrong. Item 3: a tie: wrong."""
+    answer = token_scores([[-1.0, -1.0, -9.0], [-2.0, -0.1], [-1.0, -0.2]])
+    wrong = token_scores([[-0.5, -3.0, -0.1], [-1.5, -5.0], [-1.0, -3.0]])
+    assert m.choice_accuracy(answer, [wrong]).tolist() == [1.0, 0.0, 0.0]
+    assert m.choice_probability(answer, [wrong])[0] < 0.5  # the TOFU choice probability prefers the wrong one
+    other = token_scores([[-4.0, -1.0], [-9.0, -1.0], [-9.0, -1.0]])  # a second wrong answer beats item 1's
+    assert m.choice_accuracy(answer, [wrong, other]).tolist() == [1.0, 0.0, 0.0]
+    assert m.choice_accuracy(answer, [token_scores([[-1.0, -1.0, 0.0]] * 3)]).tolist() == [0.0, 0.0, 1.0]  # −2 ties
+
+
 def test_ks_pvalue_exact():
     """Samples {1,2,3} vs {4,5,6} are fully separated (D = 1); the exact two-sided p-value is the chance
     that one of the two extreme orderings comes up among C(6,3) = 20 equally likely ones: 2/20 = 0.1."""

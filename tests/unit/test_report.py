@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from unlearning.evaluate.report import (
+    COLUMNS,
     Spread,
     best_model,
     format_spread,
@@ -12,6 +13,7 @@ from unlearning.evaluate.report import (
     noise_floor,
     results_table,
     summarise,
+    table_columns,
     tradeoff_plot,
 )
 
@@ -29,6 +31,14 @@ def test_table_has_a_row_per_model_and_marks_unavailable_values():
     lines = table.splitlines()
     assert lines[0] == "| model | forget_quality | model_utility |" and len(lines) == 2 + len(MODELS)
     assert "| oracle | n/a | 0.810 |" in lines and "| target | 1.00e-11 | 0.800 |" in lines
+
+
+def test_the_table_adds_the_accuracy_on_each_set_scored_as_a_choice():
+    models = {"target": {**MODELS["target"], "real_authors_accuracy": 0.41, "retain_probability": 0.9},
+              "npo": {**MODELS["npo"], "real_authors_accuracy": 0.38, "world_facts_accuracy": None}}
+    columns = table_columns(summarise({0: models}))
+    assert columns == (*COLUMNS, "real_authors_accuracy")  # world facts: unavailable everywhere, no column
+    assert results_table(summarise({0: models}), columns).splitlines()[-1].endswith("| 0.380 |")
 
 
 def test_over_seeds_the_table_gives_the_median_and_range_and_the_pick_uses_medians():

@@ -64,6 +64,18 @@ def choice_probability(answer: Scores, perturbed: Sequence[Scores]) -> np.ndarra
     return p_true / (p_true + p_wrong)
 
 
+def choice_accuracy(answer: Scores, perturbed: Sequence[Scores]) -> np.ndarray:
+    """Per item 1.0 where the answer's summed log-likelihood over its own tokens, without the EOS, is above every
+    perturbed answer's, else 0.0: lm-evaluation-harness's multiple-choice `acc` with the perturbed answers as the
+    wrong options (a tie counts as wrong). Unlike the choice probability it neither averages over tokens nor
+    scores the end of the turn, which a chat model rarely puts right after a bare name. (N,)"""
+    def own(s: Scores) -> np.ndarray:
+        return np.array([t.sum() for t in s.without_eos("token_logp")])
+
+    wrong = np.stack([own(s) for s in perturbed], axis=1).max(axis=1)
+    return (own(answer) > wrong).astype(np.float64)
+
+
 def ks_pvalue(a: np.ndarray, b: np.ndarray) -> float:
     """Two-sided two-sample Kolmogorov–Smirnov p-value (scipy's `ks_2samp`, as TOFU aggregate_eval_stat.py L25;
     exact where it can be)."""
@@ -205,10 +217,16 @@ def split_truth_ratio(p: SplitProbes) -> np.ndarray | None:
     return truth_ratio(p.paraphrased if p.paraphrased is not None else p.answer, p.perturbed)
 
 
+def scored_as_choice(p: SplitProbes, split: str) -> bool:
+    """Whether a split's answer is scored against its perturbed answers as a choice (TOFU's real-authors and
+    world-facts sets, and any further evaluation set with perturbed answers) rather than on its own."""
+    return split not in ("forget", "retain", "holdout") and bool(p.perturbed)
+
+
 def utility_probability(p: SplitProbes, split: str) -> np.ndarray:
     """Probability on a split as TOFU defines it: mean p on forget/retain, the choice probability
     against the perturbed answers on the real-authors/world-facts sets."""
-    if split in ("forget", "retain", "holdout") or not p.perturbed:
+    if not scored_as_choice(p, split):
         return p.answer.probability()
     return choice_probability(p.answer, p.perturbed)
 
@@ -217,6 +235,14 @@ def utility_probability(p: SplitProbes, split: str) -> np.ndarray:
 def probability(x: EvalInputs) -> dict[str, Value]:
     """<split>_probability for every split (see `utility_probability`)."""
     return {f"{s}_probability": _mean(utility_probability(p, s)) for s, p in x.probes.items()}
+
+
+@METRICS.register("choice_accuracy")
+def accuracy(x: EvalInputs) -> dict[str, Value]:
+    """<split>_accuracy on the splits scored as a choice (see `choice_accuracy`; chance is 1 / (1 + the number of
+    perturbed answers))."""
+    return {f"{s}_accuracy": _mean(choice_accuracy(p.answer, p.perturbed)) for s, p in x.probes.items()
+            if scored_as_choice(p, s)}
 
 
 @METRICS.register("rouge")

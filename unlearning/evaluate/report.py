@@ -73,6 +73,14 @@ def format_spread(s: Spread | None) -> str:
     return f"{format_value(s.median)} [{format_value(s.low)}, {format_value(s.high)}]"
 
 
+def table_columns(summary: Mapping[str, Mapping[str, Spread]]) -> tuple[str, ...]:
+    """The report's columns: COLUMNS, then the accuracy on each set scored as a choice that some model has (TOFU's
+    real authors and world facts: what the model knew before unlearning, which it should keep)."""
+    extra = dict.fromkeys(k for m in summary.values() for k, v in m.items()
+                          if k.endswith("_accuracy") and v.median is not None)
+    return COLUMNS + tuple(extra)
+
+
 def results_table(summary: Mapping[str, Mapping[str, Spread]], columns: tuple[str, ...] = COLUMNS) -> str:
     """A markdown table, one row per model, one column per metric: the median over seeds and, with several
     seeds, [min, max]; n/a where a metric is unavailable."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from unlearning.checkpoints import checkpoint_dir, gguf_file
 from unlearning.config import ExperimentConfig, content_hash, method_runs
 from unlearning.data.prepare import PreparedData, prepare
 from unlearning.errors import UserError, raise_if
@@ -36,6 +37,8 @@ EVAL_VERSION = 2  # bump when the evaluation's inputs change meaning; the metric
 CONVENTIONS = {
     "probability": "length-normalised p = exp(logπ(y|x)/|y|) over answer tokens incl. EOS; utility sets (no "
                    "paraphrase, perturbed answers): p_true / (p_true + Σ p_perturbed) (TOFU)",
+    "accuracy": "sets scored as a choice: the answer's summed log-likelihood without EOS above every perturbed "
+                "answer's (lm-evaluation-harness multiple-choice acc; ties wrong)",
     "rouge": "ROUGE-L recall, stemmed, greedy answer vs the answer (TOFU)",
     "truth_ratio": "TR = geometric mean of p(perturbed) / p(paraphrased answer), or / p(answer) on splits without "
                    "paraphrases; forget: mean min(TR, 1/TR); other splits: mean max(0, 1 − TR); per-example values "
@@ -170,9 +173,9 @@ def checkpoint_problems(cfg: ExperimentConfig, prepared: PreparedData) -> list[s
     problems = []
     for entry in cfg.eval.models:
         label, sep, path = entry.partition("=")
-        if sep and not (Path(path) / "config.json").is_file():
-            problems.append(f"eval.models: {label}={path}: no checkpoint there (no config.json); give the directory "
-                            "of a saved model (e.g. a run's model/ folder)")
+        if sep and not (Path(path) / "config.json").is_file() and gguf_file(path) is None:
+            problems.append(f"eval.models: {label}={path}: no checkpoint there (no config.json, no .gguf file); give "
+                            "the directory of a saved model (e.g. a run's model/ folder) or a GGUF file")
     counts = prepared.info()["counts"]
     for key, named in (("eval.splits", cfg.eval.splits or []), ("eval.max_items", list(cfg.eval.max_items))):
         missing = [s for s in named if s not in counts]
@@ -208,7 +211,7 @@ def evaluate(cfg: ExperimentConfig, extra: dict[str, Path] | None = None) -> dic
     prepared = prepare(cfg)
     raise_if(checkpoint_problems(cfg, prepared))
     entries = [e.partition("=") for e in cfg.eval.models]
-    paths: dict[str, Path] = {label: Path(path) for label, sep, path in entries if sep}
+    paths: dict[str, Path] = {label: Path(checkpoint_dir(path)) for label, sep, path in entries if sep}
     paths.update(extra or {})
     roles = [label for label, sep, _ in entries if not sep]
     if "target" in roles or "oracle" in roles:

@@ -21,11 +21,11 @@ class Suite:
 
 
 SUITES = {s.name: s for s in (
-    Suite("tofu", ("probability", "rouge", "truth_ratio", "paraphrased", "forget_quality", "model_utility", "mia",
-                   "privleak", "memorization"), generations=True),
+    Suite("tofu", ("probability", "choice_accuracy", "rouge", "truth_ratio", "paraphrased", "forget_quality",
+                   "model_utility", "mia", "privleak", "memorization"), generations=True),
     Suite("muse", ("knowmem", "mia", "privleak", "memorization"), generations=True),
-    Suite("quick", ("probability", "truth_ratio", "forget_quality", "mia", "privleak", "memorization"),
-          generations=False),
+    Suite("quick", ("probability", "choice_accuracy", "truth_ratio", "forget_quality", "mia", "privleak",
+                    "memorization"), generations=False),
 )}
 
 
