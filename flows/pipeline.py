@@ -283,15 +283,15 @@ def run_tags() -> dict[str, str]:
             "git_commit": git_commit()}
 
 
-def write_report(out: Path, title: str, by_seed: SeedEvals, tracker: NullTracker, states: dict[str, str]
-                 ) -> dict[str, Any]:
+def write_report(out: Path, title: str, by_seed: SeedEvals, tracker: NullTracker, states: dict[str, str],
+                 references: tuple[str, ...] = ()) -> dict[str, Any]:
     """report.md, tradeoff.png and report.json under `out`, logged to MLflow and published as Prefect artifacts:
     per model the median and range over the seeds, the best model by medians, the oracles' noise floor."""
     def per_seed(value: Callable[[stages.ModelEval], Any]) -> dict[str, dict[str, Any]]:
         return {str(seed): {label: value(r) for label, r in evals.items()} for seed, evals in by_seed.items()}
 
     summary = summarise({seed: {label: r.metrics for label, r in evals.items()} for seed, evals in by_seed.items()})
-    best, why = best_model(medians(summary))
+    best, why = best_model(medians(summary), exclude=("target", "oracle", *references))
     oracles = {seed: evals["oracle"].result["per_example"].get("forget_truth_ratio") for seed, evals in by_seed.items()
                if "oracle" in evals}
     floor = noise_floor({s: tr for s, tr in oracles.items() if tr is not None})
@@ -363,7 +363,8 @@ def pipeline(config: dict[str, Any] | str, overrides: list[str] | None = None) -
         (cfg.out / "config.resolved.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         tracker.log_artifact(cfg.out / "config.resolved.json")
         by_seed, states = run_seeds(cfg, tracker)
-        report = write_report(cfg.out / "report", cfg.name, by_seed, tracker, states)
+        report = write_report(cfg.out / "report", cfg.name, by_seed, tracker, states,
+                              tuple(cfg.eval.references))
         report["registered"] = register(cfg, by_seed, report["best"], tracker)
     return report
 

@@ -336,6 +336,9 @@ class EvalConfig(Strict):
                                       "items of its retain set), e.g. {retain: 150}")
     snapshots: bool = Field(True, description="evaluate the models an unlearning run saved every "
                             "train.snapshot_every steps too, labelled <method>@step<N>")
+    references: list[str] = Field(default_factory=list, description="labels of eval.models shown for comparison "
+                                  "but never picked as the report's best, as target and oracle are (e.g. the "
+                                  "untouched base model: base=PATH)")
 
     @pydantic.field_validator("max_items")
     @classmethod
@@ -361,6 +364,15 @@ class EvalConfig(Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return models
+
+    @pydantic.model_validator(mode="after")
+    def _references_are_evaluated(self) -> EvalConfig:
+        labels = [m.partition("=")[0] for m in self.models]
+        unknown = [r for r in self.references if r not in labels]
+        if unknown:
+            raise ValueError(f"references {unknown} are not labels of eval.models ({', '.join(labels)}); name "
+                             "evaluated models, e.g. models: [..., base=PATH], references: [base]")
+        return self
 
 
 class TrackingConfig(Strict):

@@ -184,3 +184,11 @@ def test_seeds_repeat_the_run_on_the_data_of_one_seed():
     assert seed_runs(validate_config({"name": "x", "seed": 5})) == {5: validate_config({"name": "x", "seed": 5})}
     with pytest.raises(UserError, match="seeds repeat"):
         validate_config({"name": "x", "seeds": [1, 1]})
+
+
+def test_eval_references_must_name_evaluated_models():
+    cfg = validate_config({"name": "x", "eval": {"models": ["target", "oracle", "base=some/dir"],
+                                                 "references": ["base"]}})
+    assert cfg.eval.references == ["base"]
+    with pytest.raises(UserError, match=r"references \['bsae'\] are not labels of eval.models"):
+        validate_config({"name": "x", "eval": {"models": ["target", "base=some/dir"], "references": ["bsae"]}})

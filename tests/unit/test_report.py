@@ -83,3 +83,10 @@ def test_plot_is_written(tmp_path):
     path = tradeoff_plot(summarise({0: MODELS, 1: MODELS}), tmp_path / "plots" / "tradeoff.png",
                          floor={"0-1": 0.4, "0-2": 0.9})
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_references_are_shown_but_never_picked():
+    """A base model never trained on the forget set has a high forget quality; as a reference it is not the pick."""
+    models = {**MODELS, "base": {"forget_quality": 0.9, "model_utility": 0.8, "forget_probability": 0.2}}
+    assert best_model(models)[0] == "base"
+    assert best_model(models, exclude=("target", "oracle", "base"))[0] == "npo"
