@@ -228,7 +228,7 @@ def utility_probability(p: SplitProbes, split: str) -> np.ndarray:
     against the perturbed answers on the real-authors/world-facts sets."""
     if not scored_as_choice(p, split):
         return p.answer.probability()
-    return choice_probability(p.answer, p.perturbed)
+    return choice_probability(p.answer, p.perturbed or [])
 
 
 @METRICS.register("probability")
@@ -241,7 +241,7 @@ def probability(x: EvalInputs) -> dict[str, Value]:
 def accuracy(x: EvalInputs) -> dict[str, Value]:
     """<split>_accuracy on the splits scored as a choice (see `choice_accuracy`; chance is 1 / (1 + the number of
     perturbed answers))."""
-    return {f"{s}_accuracy": _mean(choice_accuracy(p.answer, p.perturbed)) for s, p in x.probes.items()
+    return {f"{s}_accuracy": _mean(choice_accuracy(p.answer, p.perturbed or [])) for s, p in x.probes.items()
             if scored_as_choice(p, s)}
 
 

@@ -22,11 +22,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from unlearning.data.tokenize import collate, encode_prompts, encode_qa_many
-from unlearning.methods.answers import answer_logprobs_of
-from unlearning.methods.logprobs import IGNORE_INDEX, answer_distributions
+from unlearning.methods.answers import answer_logprobs_of, layouts
+from unlearning.methods.logprobs import IGNORE_INDEX, answer_layout
 
 
 @dataclass(frozen=True)
@@ -67,13 +68,15 @@ class Scores:
         return np.exp(self.logp / np.maximum(self.ntokens, 1))
 
 
-def _batch_token_stats(logits: torch.Tensor, labels: torch.Tensor) -> list[tuple[np.ndarray, ...]]:
+def _batch_token_stats(logits: torch.Tensor, targets: torch.Tensor, counts: torch.Tensor
+                      ) -> list[tuple[np.ndarray, ...]]:
     """Per-sequence (token log-p, μ, σ, argmax match) over the answer positions of one batch.
 
     Args:
-        logits: (B, T, V); labels: (B, T) with `IGNORE_INDEX` off the answer.
+        logits: (M, V) at the M positions that predict an answer token, in sequence order; targets: (M,) the
+            tokens they predict; counts: (B,) how many of the M belong to each sequence.
     """
-    dist, targets, counts = answer_distributions(logits, labels)  # (M, V), (M,), (B,)
+    dist = F.log_softmax(logits.float(), dim=-1)
     logp = dist.gather(-1, targets[:, None])[:, 0]
     probs = dist.exp()
     mu = (probs * dist).sum(-1)  # (M,)
@@ -81,6 +84,19 @@ def _batch_token_stats(logits: torch.Tensor, labels: torch.Tensor) -> list[tuple
     ok = dist.argmax(-1) == targets
     columns = [t.cpu().numpy() for t in (logp.double(), mu.double(), sigma.double(), ok)]
     return list(zip(*(np.split(c, np.cumsum(counts.tolist())[:-1]) for c in columns), strict=True))
+
+
+def answer_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logits (M, V) of the positions that predict an answer token only, with their targets (M,) and the
+    count per sequence (B,): the vocabulary projection and softmax skip the prompt and padding (on a 49k
+    vocabulary with a chat template's system turn, most of a scoring pass), where the model honours
+    `logits_to_keep` (probed once, `unlearning/methods/answers.py`), else sliced from the full logits."""
+    layout = answer_layout(batch, pack=False)
+    if layouts(model).keep:
+        logits = model(**layout.inputs, logits_to_keep=layout.keep).logits
+    else:
+        logits = model(**layout.inputs).logits[layout.keep]
+    return logits.reshape(-1, logits.shape[-1]), layout.targets, torch.bincount(layout.owner, minlength=layout.size)
 
 
 def _progress(total: int, desc: str, show: bool | None) -> Any:
@@ -99,8 +115,7 @@ def score(model: Any, rows: Sequence[dict[str, Any]], *, pad_id: int, eos_id: in
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             batch = {k: v.to(device) for k, v in collate([rows[i] for i in idx], pad_id).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            for i, stats in zip(idx, _batch_token_stats(logits, batch["labels"]), strict=True):
+            for i, stats in zip(idx, _batch_token_stats(*answer_logits(model, batch)), strict=True):
                 per_row[i] = stats
             bar.update(len(idx))
     token_logp, mu, sigma, ok = (list(col) for col in zip(*per_row, strict=True)) if rows else ([], [], [], [])

@@ -66,24 +66,6 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return -nll * mask, mask
 
 
-def answer_distributions(logits: torch.Tensor, labels: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The next-token log-distributions at the positions that predict an answer token, and nothing else
-    (prompt and padding positions are skipped before the softmax, not masked after it).
-
-    Args:
-        logits: (B, T, V). labels: (B, T), `IGNORE_INDEX` off the answer.
-
-    Returns:
-        dist (M, V) float32 log-probs, targets (M,) the answer tokens they predict, counts (B,) how many
-        of the M rows belong to each sequence (rows are in sequence order).
-    """
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX  # (B, T-1)
-    dist = F.log_softmax(logits[:, :-1][mask].float(), dim=-1)  # (M, V)
-    return dist, targets[mask], mask.sum(-1)
-
-
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> SequenceLogProbs:
     """Summed answer log-prob and answer length of each sequence; (B, T, V), (B, T) -> (B,), (B,)."""
     logp, mask = token_logprobs(logits, labels)
