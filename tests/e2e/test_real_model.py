@@ -1,7 +1,7 @@
 """The real pretrained model through the whole pipeline, as a user runs it: SmolLM2-135M-Instruct from its GGUF
 file, invented authors fine-tuned into it, NPO on 2 DeepSpeed ranks, TOFU's real-authors and world-facts sets,
-via `unlearn run` (Prefect flow, MLflow store). A smaller recipe than configs/smollm2.yaml: 6.5 minutes on 2 CPU
-cores."""
+via `unlearn run` (Prefect flow, MLflow store). A smaller recipe than configs/smollm2.yaml: about 7 minutes on 2
+CPU cores."""
 
 import json
 import subprocess
@@ -24,7 +24,7 @@ def test_smollm2_learns_then_unlearns_invented_authors_and_keeps_real_knowledge(
         "train": {"lr": 1e-4, "max_steps": 6, "batch_size": 3, "num_processes": 2, "zero_stage": 2},
         # The untouched base is the reference: it never saw the invented authors, and it is what SmolLM2 knew.
         "eval": {"suite": "quick", "models": ["target", "unlearned", f"base={smollm2}"], "references": ["base"],
-                 "utility_splits": ["real_authors", "real_world"], "batch_size": 32, "max_items": {"real_world": 60}},
+                 "utility_splits": ["real_authors", "real_world"], "batch_size": 32},
         "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "register_models": False},
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
@@ -36,10 +36,10 @@ def test_smollm2_learns_then_unlearns_invented_authors_and_keeps_real_knowledge(
     m = report["metrics"]
     assert m["target"]["forget_probability"] > m["base"]["forget_probability"] + 0.3  # it learned the authors
     assert m["npo"]["forget_probability"] < m["target"]["forget_probability"] - 0.1  # and unlearning lowers them
-    # What SmolLM2 knew of the real world, on all 100 of TOFU's real-authors questions and 60 of its world facts:
-    # the answer ranked above its 3 perturbed ones (chance 1/4; binomial sd 0.043 and 0.056). The base measured
-    # 0.39 and 0.58 here, the target 0.37 and 0.57, NPO 0.35 and 0.55: learning and unlearning the invented
-    # authors keep most of it (at most 10 answers in 100 lost).
+    # What SmolLM2 knew of the real world, on all 100 of TOFU's real-authors and 117 world-facts questions: the
+    # answer ranked above its 3 perturbed ones (chance 1/4; binomial sd 0.043 and 0.040). The base scores 0.39
+    # and 0.54; at seeds 0 and 1 (on 60 world facts) the target and NPO stayed within 0.07 of it: learning and
+    # unlearning the invented authors keep most of it (at most 10 answers in 100 lost).
     for model in ("base", "target", "npo"):
         assert m[model]["real_authors_accuracy"] > 0.3 and m[model]["real_world_accuracy"] > 0.4, (model, m[model])
     for split in ("real_authors", "real_world"):
@@ -47,7 +47,7 @@ def test_smollm2_learns_then_unlearns_invented_authors_and_keeps_real_knowledge(
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = report["models"]["0"]["npo"]
+    path = report["models"][str(raw["seed"])]["npo"]
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).eval()
     tok = AutoTokenizer.from_pretrained(path)
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
