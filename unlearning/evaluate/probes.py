@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from unlearning.data.tokenize import collate, encode_prompts, encode_qa_many
-from unlearning.methods.answers import answer_logprobs_of, layouts
+from unlearning.methods.answers import answer_logprobs_of, kept_logits
 from unlearning.methods.logprobs import IGNORE_INDEX, answer_layout
 
 
@@ -88,15 +88,10 @@ def _batch_token_stats(logits: torch.Tensor, targets: torch.Tensor, counts: torc
 
 def answer_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The logits (M, V) of the positions that predict an answer token only, with their targets (M,) and the
-    count per sequence (B,): the vocabulary projection and softmax skip the prompt and padding (on a 49k
-    vocabulary with a chat template's system turn, most of a scoring pass), where the model honours
-    `logits_to_keep` (probed once, `unlearning/methods/answers.py`), else sliced from the full logits."""
+    count per sequence (B,): the vocabulary projection and softmax skip the prompt and padding (`kept_logits`,
+    the training path's)."""
     layout = answer_layout(batch, pack=False)
-    if layouts(model).keep:
-        logits = model(**layout.inputs, logits_to_keep=layout.keep).logits
-    else:
-        logits = model(**layout.inputs).logits[layout.keep]
-    return logits.reshape(-1, logits.shape[-1]), layout.targets, torch.bincount(layout.owner, minlength=layout.size)
+    return kept_logits(model, layout), layout.targets, torch.bincount(layout.owner, minlength=layout.size)
 
 
 def _progress(total: int, desc: str, show: bool | None) -> Any:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from unlearning.methods.logprobs import SequenceLogProbs, answer_layout, layout_logprobs, packing_pays
+from unlearning.methods.logprobs import AnswerLayout, SequenceLogProbs, answer_layout, layout_logprobs, packing_pays
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,14 @@ def answer_logprobs_of(model: Any, batch: dict[str, torch.Tensor], *, pack: bool
         hidden = getattr(_inner(model).config, "hidden_size", None) or 1024
         pack = packing_pays(batch["attention_mask"].sum(1).tolist(), hidden)
     layout = answer_layout(batch, pack=pack and ways.pack)
-    if ways.keep:
+    return layout_logprobs(kept_logits(model, layout), layout)
+
+
+def kept_logits(model: Any, layout: AnswerLayout) -> torch.Tensor:
+    """The logits (M, V) of the layout's kept positions only: asked of the model (`logits_to_keep`) where its
+    forward honours that, else sliced from its full logits."""
+    if layouts(model).keep:
         logits = model(**layout.inputs, logits_to_keep=layout.keep).logits
     else:
         logits = model(**layout.inputs).logits[layout.keep]
-    return layout_logprobs(logits.reshape(-1, logits.shape[-1]), layout)
+    return logits.reshape(-1, logits.shape[-1])
