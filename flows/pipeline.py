@@ -30,7 +30,6 @@ from prefect.cache_policies import NO_CACHE
 
 import unlearning
 from unlearning import stages
-from unlearning.checkpoints import checkpoint_dir
 from unlearning.config import (
     ExperimentConfig,
     Stage,
@@ -52,7 +51,7 @@ from unlearning.evaluate.report import (
     table_columns,
     tradeoff_plot,
 )
-from unlearning.evaluate.runner import eval_key
+from unlearning.evaluate.runner import eval_key, given_checkpoints
 from unlearning.merge.stage import finetune_config, training_jobs
 from unlearning.models import model_identity
 from unlearning.tracking import NullTracker, flatten, tracker_for, ui_command
@@ -214,8 +213,7 @@ def run_stages(cfg: ExperimentConfig, tracker: NullTracker, tag: str = ""
     raise_if(stages.preflight(cfg, prepared))  # every config/data problem, before any model is built
 
     roles = {entry for entry in cfg.eval.models if "=" not in entry}
-    paths: dict[str, Path] = {label: Path(checkpoint_dir(p)) for label, sep, p in (e.partition("=")
-                                                                                   for e in cfg.eval.models) if sep}
+    paths = given_checkpoints(cfg)
     expanded: dict[str, list[str]] = {}
     with tracker.run("build-models", nested=True):
         built = call(build_task, build_key, "build-models", "build", cfg, prepared)

@@ -57,8 +57,8 @@ def test_choice_accuracy_sums_the_answer_tokens_without_the_eos():
     wrong = token_scores([[-0.5, -3.0, -0.1], [-1.5, -5.0], [-1.0, -3.0]])
     assert m.choice_accuracy(answer, [wrong]).tolist() == [1.0, 0.0, 0.0]
     assert m.choice_probability(answer, [wrong])[0] < 0.5  # the TOFU choice probability prefers the wrong one
-    other = token_scores([[-4.0, -1.0], [-9.0, -1.0], [-9.0, -1.0]])  # a second wrong answer beats item 1's
-    assert m.choice_accuracy(answer, [wrong, other]).tolist() == [1.0, 0.0, 0.0]
+    other = token_scores([[-0.5, -0.5, -9.0], [-9.0, -1.0], [-9.0, -1.0]])  # −1 beats item 1's −2: every option counts
+    assert m.choice_accuracy(answer, [wrong, other]).tolist() == [0.0, 0.0, 0.0]
     assert m.choice_accuracy(answer, [token_scores([[-1.0, -1.0, 0.0]] * 3)]).tolist() == [0.0, 0.0, 1.0]  # −2 ties
 
 

@@ -184,6 +184,12 @@ def checkpoint_problems(cfg: ExperimentConfig, prepared: PreparedData) -> list[s
     return problems
 
 
+def given_checkpoints(cfg: ExperimentConfig) -> dict[str, Path]:
+    """Label → checkpoint directory of each LABEL=PATH in eval.models (a GGUF file: its converted checkpoint)."""
+    return {label: Path(checkpoint_dir(path)) for label, sep, path in (m.partition("=") for m in cfg.eval.models)
+            if sep}
+
+
 def run_models(label: str, done: Any, cfg: ExperimentConfig) -> dict[str, Path]:
     """Label → checkpoint of what one unlearning run (`Unlearned`) contributes to the evaluation: its snapshots
     (`<label>@step<N>`, with train.snapshot_every and eval.snapshots), then its final model."""
@@ -210,10 +216,9 @@ def evaluate(cfg: ExperimentConfig, extra: dict[str, Path] | None = None) -> dic
     get_suite(cfg.eval.suite)
     prepared = prepare(cfg)
     raise_if(checkpoint_problems(cfg, prepared))
-    entries = [e.partition("=") for e in cfg.eval.models]
-    paths: dict[str, Path] = {label: Path(checkpoint_dir(path)) for label, sep, path in entries if sep}
+    paths = given_checkpoints(cfg)
     paths.update(extra or {})
-    roles = [label for label, sep, _ in entries if not sep]
+    roles = [m for m in cfg.eval.models if "=" not in m]
     if "target" in roles or "oracle" in roles:
         from unlearning.models import build_models
 
