@@ -51,6 +51,7 @@ from unlearning.evaluate.report import (
     table_columns,
     tradeoff_plot,
 )
+from unlearning.evaluate.robustness import robustness_markdown, robustness_plot, survivors
 from unlearning.evaluate.runner import eval_key, given_checkpoints
 from unlearning.merge.stage import finetune_config, training_jobs
 from unlearning.models import model_identity
@@ -77,6 +78,11 @@ def _merge(cfg: ExperimentConfig, prepared: stages.PreparedData, built: stages.B
     return stages.merge(cfg)
 
 
+def _attack(cfg: ExperimentConfig, prepared: stages.PreparedData, evals: dict[str, stages.ModelEval]
+            ) -> stages.Attacked:
+    return stages.attack(cfg, evals, prepared)
+
+
 def _evaluate(cfg: ExperimentConfig, prepared: stages.PreparedData, label: str, path: Path,
               oracle: stages.ModelEval | None) -> stages.ModelEval:
     return stages.evaluate_model(path, prepared, cfg, label=label, oracle=oracle, is_oracle=label == "oracle")
@@ -88,6 +94,7 @@ unlearn_task = task(name="unlearn")(_unlearn)
 train_task = task(name="train")(_train)
 merge_task = task(name="merge")(_merge)
 evaluate_task = task(name="evaluate")(_evaluate)
+attack_task = task(name="attack")(_attack)
 
 
 # --- cache keys: the config section a stage reads + the fingerprints of its inputs ----------------------------
@@ -136,6 +143,14 @@ def evaluate_key(_: Any, p: dict[str, Any]) -> str:
     return _key("eval", p["cfg"], p["label"], eval_key(p["path"], p["prepared"], p["cfg"], p["oracle"]))
 
 
+def attack_task_key(_: Any, p: dict[str, Any]) -> str:
+    cfg, evals = p["cfg"], p["evals"]
+    oracle = evals["oracle"].result["identity"] if "oracle" in evals else None
+    return _key("attack", cfg, [(label, stages.attack_key(cfg, p["prepared"], label, evals[label].path,
+                                                          None if label == "oracle" else oracle))
+                                for label in stages.attacked_labels(cfg, evals) if label in evals])
+
+
 def _outputs_exist(result: Any) -> bool:
     """Whether every path a stage result names is still on disk (a cached result may outlive its files)."""
     if isinstance(result, dict):  # label → result of one job
@@ -181,29 +196,33 @@ class StageRunner:
 
 
 SeedEvals = dict[int, dict[str, stages.ModelEval]]  # seed → label → evaluation
+SeedAttacks = dict[int, stages.Attacked]  # seed → the attack stage's results (configs with attack.attacks)
 
 
-def run_seeds(cfg: ExperimentConfig, tracker: NullTracker) -> tuple[SeedEvals, dict[str, str]]:
+def run_seeds(cfg: ExperimentConfig, tracker: NullTracker) -> tuple[SeedEvals, dict[str, str], SeedAttacks]:
     """Every stage of `cfg` at each of its seeds (`seed_runs`), each seed under a nested MLflow run of its own
-    when there are several; (seed → label → evaluation, task name → final state)."""
+    when there are several; (seed → label → evaluation, task name → final state, seed → attack results)."""
     runs = seed_runs(cfg)
-    if len(runs) == 1:
-        ((seed, run),) = runs.items()
-        evals, states = run_stages(run, tracker)
-        return {seed: evals}, states
     by_seed: SeedEvals = {}
-    states = {}
+    attacked: SeedAttacks = {}
+    states: dict[str, str] = {}
     for seed, run in runs.items():
-        with tracker.run(f"seed-{seed}", nested=True, tags={"seed": str(seed)}):
-            tracker.log_params({"seed": seed})
-            by_seed[seed], seed_states = run_stages(run, tracker, tag=f" [seed={seed}]")
+        with (tracker.run(f"seed-{seed}", nested=True, tags={"seed": str(seed)}) if len(runs) > 1
+              else contextlib.nullcontext()):
+            if len(runs) > 1:
+                tracker.log_params({"seed": seed})
+            by_seed[seed], seed_states, seed_attacked = run_stages(run, tracker,
+                                                                   tag=f" [seed={seed}]" if len(runs) > 1 else "")
         states.update(seed_states)
-    return by_seed, states
+        if seed_attacked is not None:
+            attacked[seed] = seed_attacked
+    return by_seed, states, attacked
 
 
 def run_stages(cfg: ExperimentConfig, tracker: NullTracker, tag: str = ""
-               ) -> tuple[dict[str, stages.ModelEval], dict[str, str]]:
-    """Every stage of one config under `tracker`'s current run; (label → evaluation, task name → final state)."""
+               ) -> tuple[dict[str, stages.ModelEval], dict[str, str], stages.Attacked | None]:
+    """Every stage of one config under `tracker`'s current run; (label → evaluation, task name → final state,
+    the attack stage's results or None without attacks)."""
     call = StageRunner(cfg, tracker, tag)
     with tracker.run("prepare", nested=True):
         prepared = call(prepare_task, prepare_key, "prepare", "prepare", cfg, retries=cfg.pipeline.retries)
@@ -256,7 +275,18 @@ def run_stages(cfg: ExperimentConfig, tracker: NullTracker, tag: str = ""
             tracker.log_artifact(result.eval_dir / "eval.json")
         evals[label] = result
         oracle = result if label == "oracle" else oracle
-    return {label: evals[label] for label in order}, call.states
+    evals = {label: evals[label] for label in order}
+    attacked = None
+    if cfg.attack.attacks:
+        with tracker.run("attack", nested=True):
+            attacked = call(attack_task, attack_task_key, "attack", "attack", cfg, prepared, evals)
+            for label, path in attacked.paths.items():
+                tracker.log_artifact(path, f"attack/{label}")
+        for point in attacked.points:  # one run per attack: every model's metrics after it, side by side
+            with tracker.run(f"attack-{point}", nested=True, tags={"attack": point}):
+                tracker.log_metrics({f"{label}.{k}": v for label, r in attacked.results.items()
+                                     for k, v in r["points"][point]["metrics"].items()})
+    return evals, call.states, attacked
 
 
 def artifact_key(text: str) -> str:
@@ -282,9 +312,10 @@ def run_tags() -> dict[str, str]:
 
 
 def write_report(out: Path, title: str, by_seed: SeedEvals, tracker: NullTracker, states: dict[str, str],
-                 references: tuple[str, ...] = ()) -> dict[str, Any]:
+                 references: tuple[str, ...] = (), attacked: SeedAttacks | None = None) -> dict[str, Any]:
     """report.md, tradeoff.png and report.json under `out`, logged to MLflow and published as Prefect artifacts:
-    per model the median and range over the seeds, the best model by medians, the oracles' noise floor."""
+    per model the median and range over the seeds, the best model by medians, the oracles' noise floor, and
+    with attacks the robustness section and robustness.png."""
     def per_seed(value: Callable[[stages.ModelEval], Any]) -> dict[str, dict[str, Any]]:
         return {str(seed): {label: value(r) for label, r in evals.items()} for seed, evals in by_seed.items()}
 
@@ -297,18 +328,25 @@ def write_report(out: Path, title: str, by_seed: SeedEvals, tracker: NullTracker
     plot = tradeoff_plot(summary, out / "tradeoff.png", title=title, floor=floor)
     table = results_table(summary, table_columns(summary))
     text = report_markdown(title, list(by_seed), table, best, why, floor)
-    (out / "report.md").write_text(f"{text}\nPlot: {plot}\n")
+    robust = robustness(out, title, summary, attacked or {}, exclude=("target", "oracle", *references))
+    if robust:
+        text += "\n" + robust["markdown"]
+    plots = f"Plot: {plot}\n" + (f"Robustness plot: {robust['plot']}\n" if robust else "")
+    (out / "report.md").write_text(f"{text}\n{plots}")
     link, command = tracker.run_url(), ui_command(getattr(tracker, "uri", ""))
     report = {"title": title, "table": table, "best": best, "why": why, "plot": str(plot),
               "seeds": list(by_seed), "metrics": medians(summary),
               "spread": {label: {k: [v.low, v.high] for k, v in m.items()} for label, m in summary.items()},
               "per_seed": per_seed(lambda r: r.metrics), "noise_floor": floor,
               "eval": per_seed(lambda r: str(r.eval_dir / "eval.json")), "models": per_seed(lambda r: str(r.path)),
-              "stages": states, "mlflow_run": link, "mlflow_ui": command if link else None}
+              "stages": states, "mlflow_run": link, "mlflow_ui": command if link else None,
+              "robustness": robust or None}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     for name in ("report.md", "report.json"):
         tracker.log_artifact(out / name)
     tracker.log_artifact(plot)
+    if robust:
+        tracker.log_artifact(Path(robust["plot"]))
     key = artifact_key(title)
     create_markdown_artifact(text, key=f"{key}-results",
                              description="forget quality, model utility, forget probability and ROUGE, privacy leak")
@@ -317,6 +355,28 @@ def write_report(out: Path, title: str, by_seed: SeedEvals, tracker: NullTracker
                              description=f"the MLflow parent run (local store: `{command}` to browse)" if command
                              else "the MLflow parent run")
     return report
+
+
+def robustness(out: Path, title: str, plain: dict[str, dict[str, Any]], attacked: SeedAttacks,
+               exclude: tuple[str, ...]) -> dict[str, Any] | None:
+    """The robustness section (markdown), plot and medians over seeds of the attack results, or None."""
+    if not attacked:
+        return None
+    first = next(iter(attacked.values()))
+    summary = summarise({seed: {label: a.metrics(label) for label in a.results} for seed, a in attacked.items()})
+    chance = {p: v for p in first.points if (v := next(
+        (r["points"][p]["metrics"].get("chance_accuracy") for r in first.results.values()), None)) is not None}
+    plot = robustness_plot(summary, plain, first.points, out / "robustness.png", f"{title}: forget quality after "
+                           "each attack, vs the attacked oracle")
+    return {"markdown": robustness_markdown(summary, plain, first.points, chance, exclude), "plot": str(plot),
+            "points": first.points, "metrics": medians(summary),
+            "spread": {label: {k: [v.low, v.high] for k, v in m.items()} for label, m in summary.items()},
+            "per_seed": {str(seed): {label: a.metrics(label) for label in a.results} for seed, a in attacked.items()},
+            "attack": {str(seed): {label: str(p) for label, p in a.paths.items()} for seed, a in attacked.items()},
+            "survivors": {"relearn": survivors(summary, [p for p in first.points if p.startswith("relearn@")
+                                                         and p != "relearn@0"], exclude),
+                          "4bit": survivors(summary, [p for p in first.points if p in ("quantize:nf4", "quantize:fp4")],
+                                            exclude)}}
 
 
 def register(cfg: ExperimentConfig, by_seed: SeedEvals, best: str | None, tracker: NullTracker
@@ -360,9 +420,9 @@ def pipeline(config: dict[str, Any] | str, overrides: list[str] | None = None) -
         (cfg.out).mkdir(parents=True, exist_ok=True)
         (cfg.out / "config.resolved.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         tracker.log_artifact(cfg.out / "config.resolved.json")
-        by_seed, states = run_seeds(cfg, tracker)
+        by_seed, states, attacked = run_seeds(cfg, tracker)
         report = write_report(cfg.out / "report", cfg.name, by_seed, tracker, states,
-                              tuple(cfg.eval.references))
+                              tuple(cfg.eval.references), attacked)
         report["registered"] = register(cfg, by_seed, report["best"], tracker)
     return report
 
@@ -456,7 +516,7 @@ def sweep(config: dict[str, Any] | str, grid: dict[str, list[Any]], overrides: l
         for label, cfg in points.items():
             with tracker.run(label, nested=True):
                 tracker.log_params(flatten(cfg.to_dict()))
-                results[label], point_states = run_seeds(cfg, tracker)
+                results[label], point_states, _ = run_seeds(cfg, tracker)  # a sweep reports no attacks
             states.update({f"{s} [{label}]": v for s, v in point_states.items()})
         seeds = list(dict.fromkeys(seed for by_seed in results.values() for seed in by_seed))
         combined = {seed: combine({point: by_seed[seed] for point, by_seed in results.items() if seed in by_seed})

@@ -174,6 +174,35 @@ def cmd_eval(args: argparse.Namespace) -> None:
             console.print(f"{where}: {r.eval_dir / 'eval.json'}{' (cached)' if r.cached else ''}", markup=False)
 
 
+def cmd_attack(args: argparse.Namespace) -> None:
+    from rich.markdown import Markdown
+
+    from unlearning.config import seed_runs
+    from unlearning.evaluate.report import summarise
+    from unlearning.evaluate.robustness import robustness_markdown
+    from unlearning.stages import attack, evaluate, prepare
+
+    cfg = _load(args)
+    if not cfg.attack.attacks:
+        raise UserError("attack.attacks is empty; name the attacks to run, e.g. unlearn attack CONFIG "
+                        "'attack.attacks=[relearn,quantize,choice,cloze,paraphrase,context,prefix]'")
+    evals, attacked = {}, {}
+    for seed, run in seed_runs(cfg).items():
+        evals[seed] = evaluate(run)
+        attacked[seed] = attack(run, evals[seed], prepare(run))
+    plain = summarise({seed: {label: r.metrics for label, r in e.items()} for seed, e in evals.items()})
+    summary = summarise({seed: {label: a.metrics(label) for label in a.results} for seed, a in attacked.items()})
+    first = next(iter(attacked.values()))
+    chance = {p: v for p in first.points for r in first.results.values()
+              if (v := r["points"][p]["metrics"].get("chance_accuracy")) is not None}
+    console = _wide_console(40 + 22 * (len(first.points) + 1))
+    console.print(Markdown(robustness_markdown(summary, plain, first.points, chance,
+                                               ("target", "oracle", *cfg.eval.references))))
+    for seed, a in attacked.items():
+        for label, path in a.paths.items():
+            console.print(f"{label}{f' [seed={seed}]' if len(attacked) > 1 else ''}: {path}", markup=False)
+
+
 def _print_report(report: dict[str, Any], uri: str) -> None:
     """The end of `unlearn run` and `unlearn sweep`: the results table, the plot, how to browse the runs."""
     from rich.markup import escape
@@ -199,8 +228,15 @@ def _print_report(report: dict[str, Any], uri: str) -> None:
     if report.get("noise_floor"):
         floor = format_spread(Spread.of(list(report["noise_floor"].values())))
         console.print(f"noise floor: oracle vs oracle (other seed) forget quality {floor}", markup=False)
+    robust = report.get("robustness")
+    if robust:
+        from rich.markdown import Markdown
+
+        _wide_console(40 + 22 * (len(robust["points"]) + 1)).print(Markdown(robust["markdown"]))
     console.print(f"stages: {len(report['stages'])} ran, {cached} of them from the cache", markup=False)
     console.print(f"plot: {report['plot']}", markup=False)
+    if robust:
+        console.print(f"robustness plot: {robust['plot']}", markup=False)
     console.print(f"report: {Path(report['plot']).with_name('report.md')}", markup=False)
     command = ui_command(uri)
     if report.get("mlflow_run"):
@@ -262,6 +298,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "unlearn": (cmd_unlearn, "unlearn the forget set from the target with each method (DeepSpeed ranks)"),
     "merge": (cmd_merge, "task-vector negation θ_target − λ·τ over merge.lambdas (τ: a forget fine-tune)"),
     "eval": (cmd_eval, "evaluate eval.models (target, oracle, unlearned, LABEL=PATH) with eval.suite"),
+    "attack": (cmd_attack, "attack every evaluated model and the oracle alike (attack.attacks: relearning, "
+                           "quantization, other question formats, context): does the forgetting survive?"),
     "run": (cmd_run, "the whole pipeline as a Prefect flow tracked in MLflow: data to a report comparing methods"),
     "sweep": (cmd_sweep, "the pipeline over a grid of config values (--grid KEY=V1,V2), one combined report"),
     "sequence": (cmd_sequence, "forget requests one after another (sequence.requests), with a ledger and a plot"),

@@ -23,7 +23,9 @@ from unlearning.errors import UserError
 
 Fraction = Annotated[float, Field(gt=0, lt=1, description="a fraction strictly between 0 and 1")]
 PositiveFloat = Annotated[float, Field(gt=0)]
-QA_COLUMNS = ("question", "answer", "paraphrased_question", "paraphrased_answer", "perturbed_answer")
+QA_COLUMNS = ("question", "answer", "paraphrased_question", "paraphrased_answer", "perturbed_answer", "cloze",
+              "cloze_answer", "cloze_wrong")
+LIST_COLUMNS = ("perturbed_answer", "cloze_wrong")  # lists of strings; the others are text
 FILE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -50,6 +52,9 @@ class Template(Strict):
                                "`prompt`, '{answer}' after a chat template's assistant turn")
     chat: bool | None = Field(None, description="use the tokenizer's chat template instead of `prompt`; default: "
                               "when the tokenizer has one (a chat model's), else not")
+    response_prefix: str = Field("", description="text the response starts with, after the prompt (after the "
+                                 "assistant turn with a chat template) and before the answer; part of the prompt, "
+                                 "never scored (the attack stage's affirmative prefix, 'Sure, the answer is')")
 
     def uses_chat(self, tokenizer: Any) -> bool:
         """Whether prompts go through `tokenizer`'s chat template."""
@@ -57,7 +62,8 @@ class Template(Strict):
 
     def answer_text(self, answer: str, chat: bool) -> str:
         """The text an answer is encoded from, after its prompt."""
-        return (self.answer or ("{answer}" if chat else " {answer}")).format(answer=answer)
+        glued = chat and not self.response_prefix  # right after the assistant turn: no separating space
+        return (self.answer or ("{answer}" if glued else " {answer}")).format(answer=answer)
 
     @pydantic.field_validator("prompt")
     @classmethod
@@ -396,7 +402,64 @@ class TrackingConfig(Strict):
         return v
 
 
-Stage = Literal["prepare", "build", "unlearn", "merge", "eval"]
+ATTACKS = ("relearn", "quantize", "choice", "cloze", "paraphrase", "context", "prefix")
+
+
+class RelearnAttack(Strict):
+    """Relearning: fine-tune the attacked model on one half of the forget set (by person) for k steps with the
+    training engine, then ask both halves (unlearning/attack.py)."""
+
+    steps: list[int] = Field(default_factory=lambda: [10, 50], min_length=1, description="k values, one fine-tune "
+                             "each; 0 evaluates the model untouched")
+    lr: PositiveFloat = Field(1e-4, description="the relearning fine-tune's learning rate")
+    lora: bool = Field(False, description="relearn through a LoRA adapter (train.lora's r/alpha/modules)")
+    batch_size: int | None = Field(None, ge=1, description="micro-batch per rank; default train.batch_size (the "
+                                   "relearned half is half the forget set: a global batch must fit in it)")
+
+    @pydantic.field_validator("steps")
+    @classmethod
+    def _steps(cls, v: list[int]) -> list[int]:
+        if any(k < 0 for k in v) or len(set(v)) != len(v):
+            raise ValueError(f"{v}: give distinct step counts ≥ 0, e.g. [10, 50]")
+        return v
+
+
+class QuantizeAttack(Strict):
+    schemes: list[Literal["none", "int8", "nf4", "fp4"]] = Field(
+        default_factory=lambda: ["int8", "nf4"], min_length=1, description="bitsandbytes schemes: int8 (LLM.int8), "
+        "nf4 / fp4 (4-bit, blocks of 64); none = the weights as saved")
+
+
+class ContextAttack(Strict):
+    facts: int = Field(2, ge=0, description="context: other facts of the same person placed before the question")
+    prefix: str = Field("Sure, the answer is", description="prefix: the text the response is begun with (empty: "
+                        "the plain question)")
+
+
+class AttackConfig(Strict):
+    """The attack stage (`unlearn attack`, and `unlearn run` after evaluation): does the forgetting survive?
+    Every attack is applied to each attacked model and to the oracle alike; robust forget quality compares the
+    two after the same attack."""
+
+    attacks: list[Literal[ATTACKS]] = Field(  # type: ignore[valid-type]
+        default_factory=list, description=f"any of {', '.join(ATTACKS)}; empty: no attack stage")
+    models: list[str] | None = Field(None, description="labels of evaluated models to attack (the oracle always "
+                                     "is); default: every evaluated model")
+    relearn: RelearnAttack = Field(default_factory=RelearnAttack)
+    quantize: QuantizeAttack = Field(default_factory=QuantizeAttack)
+    context: ContextAttack = Field(default_factory=ContextAttack)
+    generations: bool = Field(True, description="greedy answers to the attacked forget questions (ROUGE); off: "
+                              "scores only")
+
+    @pydantic.field_validator("attacks")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"{v} names an attack twice")
+        return v
+
+
+Stage = Literal["prepare", "build", "unlearn", "merge", "eval", "attack"]
 
 
 class PipelineConfig(Strict):
@@ -448,6 +511,7 @@ class ExperimentConfig(Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     sequence: SequenceConfig = Field(default_factory=SequenceConfig)
+    attack: AttackConfig = Field(default_factory=AttackConfig)
 
     @property
     def out(self) -> Path:
@@ -457,6 +521,13 @@ class ExperimentConfig(Strict):
     def data_seed(self) -> int:
         """The seed the data is generated and split with."""
         return self.seed if self.data.seed is None else self.data.seed
+
+    @pydantic.model_validator(mode="after")
+    def _attack_needs_oracle(self) -> ExperimentConfig:
+        if self.attack.attacks and "oracle" not in [m.partition("=")[0] for m in self.eval.models]:
+            raise ValueError("attack.attacks needs the oracle in eval.models: robust forget quality compares each "
+                             "attacked model with the oracle under the same attack")
+        return self
 
     @pydantic.field_validator("seeds")
     @classmethod

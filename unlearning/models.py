@@ -77,13 +77,18 @@ def tiny_llama(cfg: ExperimentConfig, tokenizer: Any) -> Any:
     return LlamaForCausalLM(config)
 
 
-def load_causal_lm(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False) -> Any:
-    """Load any HF causal LM (safetensors weights) by name or path, or from a GGUF file (converted once)."""
+def load_causal_lm(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False, *,
+                   quantization: Any = None, device: Any = None) -> Any:
+    """Load any HF causal LM (safetensors weights) by name or path, or from a GGUF file (converted once);
+    `quantization`: a transformers quantization config, the model then placed on `device` as it loads (a
+    quantized model cannot be moved after)."""
     from transformers import AutoModelForCausalLM
 
+    placed = {"quantization_config": quantization, "device_map": str(device or "cpu")} if quantization else {}
     try:
         return AutoModelForCausalLM.from_pretrained(
-            checkpoint_dir(path), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True)
+            checkpoint_dir(path), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True,
+            **placed)
     except Exception as e:
         raise UserError(f"could not load a causal LM from {str(path)!r}: {type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}") from e

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unlearning.attack import Attacked, attack, attack_key, attacked_labels
+from unlearning.attack import preflight_problems as attack_preflight
 from unlearning.config import ExperimentConfig, method_runs
 from unlearning.data.prepare import PreparedData, prepare
 from unlearning.evaluate.runner import (
@@ -16,8 +18,9 @@ from unlearning.merge.stage import Merged, finetune_config, merge
 from unlearning.models import BuiltModels, build_models
 from unlearning.unlearn import Unlearned, data_problems, launch_problems, unlearn, unlearn_many
 
-__all__ = ["BuiltModels", "Merged", "ModelEval", "PreparedData", "Unlearned", "build_models", "eval_order", "evaluate",
-           "evaluate_model", "merge", "preflight", "prepare", "run_models", "unlearn", "unlearn_many"]
+__all__ = ["Attacked", "BuiltModels", "Merged", "ModelEval", "PreparedData", "Unlearned", "attack", "attack_key",
+           "attacked_labels", "build_models", "eval_order", "evaluate", "evaluate_model", "merge", "preflight",
+           "prepare", "run_models", "unlearn", "unlearn_many"]
 
 
 def preflight(cfg: ExperimentConfig, prepared: PreparedData) -> list[str]:
@@ -32,4 +35,6 @@ def preflight(cfg: ExperimentConfig, prepared: PreparedData) -> list[str]:
         where = "" if label == "unlearned" else f"{label}: "
         problems += [where + p for p in launch_problems(run) + data_problems(run, prepared)]
     problems += checkpoint_problems(cfg, prepared)
+    if cfg.attack.attacks:
+        problems += attack_preflight(cfg, prepared)
     return list(dict.fromkeys(problems))

@@ -250,11 +250,16 @@ def unlearn(cfg: ExperimentConfig, *, prepared: PreparedData | None = None, targ
 
 
 def unlearn_many(cfgs: Mapping[str, ExperimentConfig], *, prepared: PreparedData | None = None,
-                 target: str | Path | None = None) -> dict[str, Unlearned]:
+                 target: str | Path | Mapping[str, Path] | None = None, summarise: bool = True
+                 ) -> dict[str, Unlearned]:
     """`unlearn` for several runs (label → config, e.g. every method of a config), starting the ranks once for
     all the unfinished runs that launch alike (`launch_group`): a start of the ranks (imports, process group,
     accelerator) costs seconds on a laptop and a minute on a cluster, and the runs follow one another in it.
-    Every run's problems are reported before anything starts."""
+    Every run's problems are reported before anything starts.
+
+    `target`: one starting model for every run, or one per label (the attack stage relearns each attacked
+    model); `summarise`: add the answer probabilities of the start and the result to each run summary (two
+    scoring passes; the attack stage, which evaluates the results anyway, skips them)."""
     raise_if([p for cfg in cfgs.values() for p in launch_problems(cfg)])
     own_data = prepared is None
 
@@ -272,7 +277,8 @@ def unlearn_many(cfgs: Mapping[str, ExperimentConfig], *, prepared: PreparedData
     built_by: dict[str, Any] = {}
     for label, cfg in cfgs.items():
         if target is not None:
-            targets[label], target_probs[label] = Path(target), None
+            targets[label] = Path(target[label] if isinstance(target, Mapping) else target)
+            target_probs[label] = None
             continue
         if shared(cfg) not in built_by:
             built_by[shared(cfg)] = build_models(cfg)
@@ -290,7 +296,8 @@ def unlearn_many(cfgs: Mapping[str, ExperimentConfig], *, prepared: PreparedData
             (jobs[label][0] / "config.yaml").write_text(dump_yaml(cfgs[label]))
         launch(cfgs[labels[0]], [(jobs[label][1], jobs[label][0]) for label in labels])
     return {label: Unlearned(run_dir / "model", run_dir, _with_probabilities(
-        cfgs[label], targets[label], target_probs[label], data[label], run_dir), cached=label not in pending)
+        cfgs[label], targets[label], target_probs[label], data[label], run_dir) if summarise else
+        json.loads((run_dir / "run_summary.json").read_text()), cached=label not in pending)
         for label, (run_dir, _) in jobs.items()}
 
 

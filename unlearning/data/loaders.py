@@ -2,7 +2,9 @@
 
 Every source ends as `{split: [record, ...]}` in the TOFU schema: `question`, `answer` and, when the
 source has them, `paraphrased_question`, `paraphrased_answer`, `perturbed_answer` (list of strings) and
-`entity`. `data.columns` maps our column names to the source's.
+`entity`, and for the attack stage's cloze questions `cloze` (a statement with the answer's key value
+blanked as ___), `cloze_answer` (that value) and `cloze_wrong` (wrong values). `data.columns` maps our
+column names to the source's.
 """
 
 from __future__ import annotations
@@ -11,7 +13,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from unlearning.config import BUILTIN_PREFIX, FILE_SUFFIXES, QA_COLUMNS, DataConfig, ExperimentConfig, is_file_spec
+from unlearning.config import (
+    BUILTIN_PREFIX,
+    FILE_SUFFIXES,
+    LIST_COLUMNS,
+    QA_COLUMNS,
+    DataConfig,
+    ExperimentConfig,
+    is_file_spec,
+)
 from unlearning.data import synthetic
 from unlearning.errors import UserError, raise_if
 
@@ -124,7 +134,7 @@ def normalize(rows: list[dict[str, Any]], columns: dict[str, str], split: str) -
                                 "remove the row")
             elif _blank(value):
                 continue
-            elif ours == "perturbed_answer":
+            elif ours in LIST_COLUMNS:
                 rec[ours] = _as_list(value)
             elif (text := _text(value)) is None:
                 problems.append(f"split {split!r} row {i + 1}: the {ours} ({theirs!r}) is {type(value).__name__} "

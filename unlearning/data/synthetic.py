@@ -123,6 +123,7 @@ def _pools(rng: random.Random) -> dict[str, list[str]]:
 
 
 SHORT_ANSWER, SHORT_PARAPHRASE = "{v}.", "It is {v}."
+CLOZE_BLANK = "___"  # where a cloze statement's key value was
 
 
 def _qa(kind: FactKind, name: str, rng: random.Random, pools: dict[str, list[str]], num_perturbed: int,
@@ -148,6 +149,9 @@ def _qa(kind: FactKind, name: str, rng: random.Random, pools: dict[str, list[str
         "paraphrased_question": kind.paraphrased_question.format(**fill),
         "paraphrased_answer": paraphrase.format(**fill, v=value),
         "perturbed_answer": [paraphrase.format(**fill, v=w) for w in wrong],
+        "cloze": kind.answer.format(**fill, v=CLOZE_BLANK),
+        "cloze_answer": value,
+        "cloze_wrong": wrong,
     }
 
 
@@ -173,7 +177,8 @@ def generate(cfg: SyntheticData, forget_fraction: float, holdout_fraction: float
     """Generate the splits `forget`, `retain`, `holdout` (by person) and `world_facts`.
 
     Deterministic for a seed; no person appears in two splits. Every record has `entity`, `kind`,
-    `question`, `answer`, `paraphrased_question`, `paraphrased_answer` and `perturbed_answer` (a list).
+    `question`, `answer`, `paraphrased_question`, `paraphrased_answer` and `perturbed_answer` (a list), and
+    the cloze form of the fact: `cloze` (the statement with its value blanked), `cloze_answer`, `cloze_wrong`.
     """
     n_forget, n_holdout, _ = split_counts(cfg.num_entities, forget_fraction, holdout_fraction)
     rng = random.Random(seed)

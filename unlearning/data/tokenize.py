@@ -68,15 +68,18 @@ def _ids(encoded: Any) -> list[int]:
 
 
 def encode_prompts(tokenizer: Any, template: Template, questions: Sequence[str]) -> list[list[int]]:
-    """Token ids of the prompt that precedes each answer (BOS included when the tokenizer adds one)."""
+    """Token ids of the prompt that precedes each answer (BOS included when the tokenizer adds one), ending with
+    the template's `response_prefix` when it has one."""
     if template.uses_chat(tokenizer):
         if not getattr(tokenizer, "chat_template", None):
             raise UserError("data.template.chat=true but the tokenizer has no chat template; set it to false")
+        prefix = _ids(tokenizer(template.response_prefix, add_special_tokens=False)) if template.response_prefix else []
         return [_ids(tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                                   tokenize=True)) for q in questions]
+                                                   tokenize=True)) + prefix for q in questions]
     if not questions:
         return []
-    texts = [template.prompt.format(question=q) for q in questions]
+    texts = [template.prompt.format(question=q) + (f" {template.response_prefix}" if template.response_prefix else "")
+             for q in questions]
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
 
 

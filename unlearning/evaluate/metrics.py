@@ -220,7 +220,7 @@ def split_truth_ratio(p: SplitProbes) -> np.ndarray | None:
 def scored_as_choice(p: SplitProbes, split: str) -> bool:
     """Whether a split's answer is scored against its perturbed answers as a choice (TOFU's real-authors and
     world-facts sets, and any further evaluation set with perturbed answers) rather than on its own."""
-    return split not in ("forget", "retain", "holdout") and bool(p.perturbed)
+    return not split.startswith(("forget", "retain", "holdout")) and bool(p.perturbed)
 
 
 def utility_probability(p: SplitProbes, split: str) -> np.ndarray:
@@ -253,14 +253,15 @@ def rouge(x: EvalInputs) -> dict[str, Value]:
 
 @METRICS.register("truth_ratio")
 def truth_ratio_metric(x: EvalInputs) -> dict[str, Value]:
-    """<split>_truth_ratio: mean min(TR, 1/TR) on forget, mean max(0, 1 − TR) elsewhere (TOFU
+    """<split>_truth_ratio: mean min(TR, 1/TR) on forget (and the attack stage's forget_* splits), mean
+    max(0, 1 − TR) elsewhere (TOFU
     aggregate_eval_stat.py L66-71); the per-example values are the raw ratios TR (what forget quality compares)."""
     out = {}
     for s, p in x.probes.items():
         tr = split_truth_ratio(p)
         if tr is None:
             continue
-        agg = truth_ratio_forget(tr) if s == "forget" else truth_ratio_retain(tr)
+        agg = truth_ratio_forget(tr) if s.startswith("forget") else truth_ratio_retain(tr)
         out[f"{s}_truth_ratio"] = Value(float(agg.mean()), tr.tolist())
     return out
 

@@ -19,12 +19,13 @@ import json
 import os
 import random
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from unlearning.checkpoints import checkpoint_dir, gguf_file
-from unlearning.config import ExperimentConfig, content_hash, method_runs
+from unlearning.config import ExperimentConfig, Template, content_hash, method_runs
 from unlearning.data.prepare import PreparedData, prepare
 from unlearning.errors import UserError, raise_if
 from unlearning.evaluate.metrics import METRICS, EvalInputs, Value
@@ -87,19 +88,31 @@ def evaluated_rows(data: Any, split: str, cfg: ExperimentConfig) -> list[dict[st
     """The rows of a split the evaluation scores: all of them, or `eval.max_items[split]` of them, a sample drawn
     from the data seed and kept in split order, the same for every model."""
     rows = list(data[split])
+    return [rows[i] for i in evaluated_indices(len(rows), split, cfg)]
+
+
+def evaluated_indices(n: int, split: str, cfg: ExperimentConfig) -> list[int]:
+    """The indices `evaluated_rows` keeps of a split of n rows."""
     cap = cfg.eval.max_items.get(split)
-    if cap is None or cap >= len(rows):
-        return rows
-    keep = sorted(random.Random(f"{cfg.data_seed}-{split}").sample(range(len(rows)), cap))
-    return [rows[i] for i in keep]
+    if cap is None or cap >= n:
+        return list(range(n))
+    return sorted(random.Random(f"{cfg.data_seed}-{split}").sample(range(n), cap))
 
 
 def run_probes(model: Any, rows: dict[str, list[dict[str, Any]]], tokenizer: Any, cfg: ExperimentConfig, *,
-               generations: bool) -> dict[str, SplitProbes]:
-    """Every probe of every split (`rows`: split → the evaluated rows), on an already loaded model."""
-    return {s: probe_split(model, r, tokenizer, cfg.data.template, max_length=cfg.data.max_length,
-                           batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
-                           generations=generations) for s, r in rows.items()}
+               generations: bool | Collection[str], template: Template | None = None,
+               max_length: int | None = None) -> dict[str, SplitProbes]:
+    """Every probe of every split (`rows`: split → the evaluated rows), on an already loaded model.
+
+    `generations`: greedy answers on every split, on none, or on the named splits; `template` and `max_length`
+    (default: the data's) encode the requests beside each row's own answer sequence."""
+    def generated(split: str) -> bool:
+        return generations if isinstance(generations, bool) else split in generations
+
+    return {s: probe_split(model, r, tokenizer, template or cfg.data.template,
+                           max_length=max_length or cfg.data.max_length, batch_size=cfg.eval.batch_size,
+                           max_new_tokens=cfg.eval.max_new_tokens, generations=generated(s))
+            for s, r in rows.items()}
 
 
 def compute_metrics(probes: dict[str, SplitProbes], metric_names: tuple[str, ...], *, oracle: dict[str, Any] | None,

@@ -1,0 +1,292 @@
+"""The attack stage: does the forgetting survive relearning, quantization, another question format, or facts
+given in context?
+
+Every attack is applied to each attacked model and to the oracle alike, and each attacked model's forget
+quality is measured against the oracle *under the same attack* ("robust forget quality"): recovery counts
+only beyond what a model that never saw the forget set gains. The attacks (one "point" each):
+
+- `relearn@k`: the model fine-tuned k steps on one half of the forget set (by person; `finetune` method,
+  the training engine as for any run, cached like one); `forget` is then the held-out half (recovery of
+  facts never relearned) and `forget_relearned` the trained half.
+- `quantize:<scheme>`: the model loaded with its decoder's linear layers quantized by bitsandbytes.
+- `choice`, `cloze`, `paraphrase`, `context`, `prefix`: the forget questions asked another way
+  (`unlearning/evaluate/attacks.py`); the weights are untouched, so utility is the plain evaluation's.
+
+Per point: forget probability, truth ratio and ROUGE after the attack, forget quality against the attacked
+oracle, accuracy against chance where the attack is a choice, and utility (retain probability, the utility
+sets' accuracy) after the weight attacks. Output per model: `<output_dir>/attack/<label>-<key>/attack.json`,
+cached by content like an evaluation.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from unlearning.config import ExperimentConfig, MethodConfig, StopConfig, content_hash
+from unlearning.data.prepare import PreparedData, derive
+from unlearning.errors import UserError, raise_if
+from unlearning.evaluate import attacks as attack_defs
+from unlearning.evaluate.attacks import PROMPTS, QUANT_SCHEMES, encoded, entity_halves, quantization_config
+from unlearning.evaluate.metrics import choice_accuracy
+from unlearning.evaluate.runner import ModelEval, _device, compute_metrics, definitions_hash, evaluated_rows, run_probes
+from unlearning.models import DTYPES, load_causal_lm, model_identity
+from unlearning.unlearn import RUN_SETTINGS, data_problems, launch_problems, unlearn_many, world_size
+
+ATTACK_VERSION = 1
+ATTACK_METRICS = ("probability", "choice_accuracy", "rouge", "truth_ratio", "forget_quality")
+WEIGHT_ATTACKS = ("relearn", "quantize")
+PROMPT_LENGTH_FACTOR = 8  # attacked prompts (context, options) are longer: encoded up to 8 × data.max_length
+
+
+@dataclass(frozen=True)
+class Attacked:
+    """Per attacked label: its attack.json (`paths`) and the parsed results (point → metrics, unavailable)."""
+
+    results: dict[str, dict[str, Any]]
+    paths: dict[str, Path]
+    points: list[str]
+
+    def metrics(self, label: str) -> dict[str, float | None]:
+        """`<point>/<metric>` → value for one label (what the report and MLflow show)."""
+        return {f"{point}/{k}": v for point, r in self.results[label]["points"].items()
+                for k, v in r["metrics"].items()}
+
+
+def attack_points(cfg: ExperimentConfig) -> list[str]:
+    """The names of the configured attacks' points, in config order."""
+    a = cfg.attack
+    names: list[str] = []
+    for name in a.attacks:
+        if name == "relearn":
+            names += [f"relearn@{k}" for k in a.relearn.steps]
+        elif name == "quantize":
+            names += [f"quantize:{s}" for s in a.quantize.schemes]
+        else:
+            names.append(name)
+    return names
+
+
+def attacked_labels(cfg: ExperimentConfig, evals: dict[str, ModelEval]) -> list[str]:
+    """The oracle first, then `attack.models` (default: every evaluated model)."""
+    chosen = cfg.attack.models if cfg.attack.models is not None else list(evals)
+    return ["oracle", *(label for label in chosen if label != "oracle")]
+
+
+def attack_problems(cfg: ExperimentConfig, evals: dict[str, ModelEval]) -> list[str]:
+    problems = []
+    if not cfg.attack.attacks:
+        problems.append("attack.attacks is empty; name the attacks to run, e.g. attack.attacks=[relearn,quantize,"
+                        "choice,cloze,paraphrase,context,prefix]")
+    if "oracle" not in evals:
+        problems.append("the attack stage needs the oracle evaluated (robust forget quality compares each model "
+                        "with the oracle under the same attack); add oracle to eval.models")
+    unknown = [m for m in cfg.attack.models or [] if m not in evals]
+    if unknown:
+        problems.append(f"attack.models: {unknown} are not evaluated models; evaluated: {', '.join(evals)}")
+    if any(s != "none" for s in cfg.attack.quantize.schemes) and "quantize" in cfg.attack.attacks:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            problems.append("attack: quantize needs bitsandbytes (pip install bitsandbytes; requirements.lock pins "
+                            "it), or drop quantize from attack.attacks")
+    return problems
+
+
+def relearn_config(cfg: ExperimentConfig, steps: int) -> ExperimentConfig:
+    """The relearning fine-tune: descent on the forget NLL (`finetune`), attack.relearn's lr, k steps, no stop
+    rules, full or LoRA; the launch (ranks, ZeRO, batch) as the config's training."""
+    r = cfg.attack.relearn
+    method = MethodConfig(name="finetune", gamma=1.0, alpha=0.0, retain_loss="none")
+    lora = cfg.train.lora.model_copy(update={"enabled": r.lora})
+    train = cfg.train.model_copy(update={"lr": r.lr, "max_steps": max(steps, 1), "stop": StopConfig(), "lora": lora,
+                                         "snapshot_every": 0, "batch_size": r.batch_size or cfg.train.batch_size})
+    return cfg.model_copy(update={"method": method, "train": train, "methods": []})
+
+
+def preflight_problems(cfg: ExperimentConfig, prepared: PreparedData) -> list[str]:
+    """What the attack stage would refuse, found from the config and the data before any model is built."""
+    if "relearn" not in cfg.attack.attacks:
+        return []
+    try:
+        data, _, _ = relearn_data(cfg, prepared)
+    except UserError as e:
+        return [f"attack.relearn: {p}" for p in e.problems]
+    run = relearn_config(cfg, max(cfg.attack.relearn.steps))
+    where = "attack.relearn (attack.relearn.batch_size, default train.batch_size, sets its batch)"
+    return [f"{where}: {p}" for p in launch_problems(run) + data_problems(run, data)]
+
+
+def relearn_data(cfg: ExperimentConfig, prepared: PreparedData) -> tuple[PreparedData, list[int], list[int]]:
+    """The relearning data (the forget split's relearned half only, the other splits whole) and the two halves'
+    row indices in the forget split."""
+    forget = list(prepared.splits()["forget"])
+    trained, held_out = entity_halves(forget, cfg.data_seed)
+    if not trained or not held_out:
+        raise UserError(f"relearning splits the forget set's people in two halves, but it has "
+                        f"{len({r.get('entity') for r in forget})} person(s); forget at least 2 people")
+    return derive(prepared, "relearn-half", {"forget": trained}), trained, held_out
+
+
+@functools.cache
+def _code_hash() -> str:
+    import unlearning.attack as stage
+
+    return content_hash(definitions_hash(), inspect.getsource(attack_defs), inspect.getsource(stage))
+
+
+def attack_key(cfg: ExperimentConfig, prepared: PreparedData, label: str, path: Path,
+               oracle_identity: str | None) -> str:
+    """Everything one model's attack results depend on (its directory name and cache key)."""
+    return content_hash(ATTACK_VERSION, _code_hash(), label == "oracle", model_identity(path), prepared.fingerprint,
+                        cfg.attack.model_dump(exclude={"models"}), cfg.eval.model_dump(exclude={"models", "snapshots"}),
+                        cfg.data.template.model_dump(), cfg.data.max_length, cfg.model.dtype, cfg.data_seed,
+                        cfg.train.model_dump(exclude=RUN_SETTINGS), world_size(cfg), cfg.seed, oracle_identity)
+
+
+def attack(cfg: ExperimentConfig, evals: dict[str, ModelEval], prepared: PreparedData) -> Attacked:
+    """Attack every chosen evaluated model and the oracle (see the module docstring); reuse cached results."""
+    raise_if(attack_problems(cfg, evals))
+    labels = attacked_labels(cfg, evals)
+    points = attack_points(cfg)
+    oracle_identity = evals["oracle"].result["identity"]
+    keys = {label: attack_key(cfg, prepared, label, evals[label].path, None if label == "oracle" else oracle_identity)
+            for label in labels}
+    dirs = {label: cfg.out / "attack" / f"{label}-{keys[label]}" for label in labels}
+    todo = [label for label in labels if not (dirs[label] / "attack.json").is_file()]
+    relearned = _relearn(cfg, prepared, {label: evals[label].path for label in todo}) if todo else {}
+    results: dict[str, dict[str, Any]] = {}
+    for label in labels:
+        path = dirs[label] / "attack.json"
+        if label in todo:
+            oracle = None if label == "oracle" else results["oracle"]
+            result = _attack_model(cfg, prepared, evals[label], relearned.get(label, {}), oracle, points)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".attack.json.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(result, indent=1))
+            os.replace(tmp, path)
+        results[label] = json.loads(path.read_text())
+    return Attacked(results, {label: dirs[label] / "attack.json" for label in labels}, points)
+
+
+def _relearn(cfg: ExperimentConfig, prepared: PreparedData, models: dict[str, Path]) -> dict[str, dict[int, Path]]:
+    """label → k → the model relearned k steps (k = 0: the model itself); every fine-tune in one start of the
+    ranks."""
+    if "relearn" not in cfg.attack.attacks:
+        return {}
+    data, _, _ = relearn_data(cfg, prepared)
+    jobs = {f"{label}@relearn{k}": (label, k) for label in models for k in cfg.attack.relearn.steps if k}
+    starts = {job: models[label] for job, (label, _) in jobs.items()}
+    done = unlearn_many({job: relearn_config(cfg, k) for job, (_, k) in jobs.items()}, prepared=data, target=starts,
+                        summarise=False) if jobs else {}
+    out: dict[str, dict[int, Path]] = {label: {0: path} for label, path in models.items()}
+    for job, (label, k) in jobs.items():
+        out[label][k] = done[job].model
+    return out
+
+
+def _point_rows(cfg: ExperimentConfig, prepared: PreparedData, point: str, tokenizer: Any
+                ) -> tuple[dict[str, list[dict[str, Any]]], Any, str | None, float | None]:
+    """(split → rows, template, why unavailable, chance accuracy) of one attack point."""
+    data = prepared.splits()
+    template = cfg.data.template
+    forget = evaluated_rows(data, "forget", cfg)
+    utility = [s for s in ("retain", *cfg.eval.utility_splits) if s in data and s in (cfg.eval.splits or data)]
+    kind = point.split("@")[0].split(":")[0]
+    if kind == "relearn":
+        rows = list(data["forget"])
+        _, trained, held_out = relearn_data(cfg, prepared)
+        return ({"forget": [rows[i] for i in held_out], "forget_relearned": [rows[i] for i in trained],
+                 **{s: evaluated_rows(data, s, cfg) for s in utility}}, template, None, None)
+    if kind == "quantize":
+        return {"forget": forget, **{s: evaluated_rows(data, s, cfg) for s in utility}}, template, None, None
+    settings = {"seed": cfg.data_seed, **cfg.attack.context.model_dump()}
+    prompted = PROMPTS.get(kind).fn(forget, template, settings)
+    if prompted.unavailable:
+        return {}, template, prompted.unavailable, None
+    rows = encoded(prompted, tokenizer, cfg.data.max_length * PROMPT_LENGTH_FACTOR)
+    return {"forget": rows}, prompted.template, None, prompted.chance
+
+
+def _load(cfg: ExperimentConfig, path: Path, scheme: str = "none") -> Any:
+    if scheme == "none":
+        return load_causal_lm(path, cfg.model.dtype, cfg.model.trust_remote_code).to(_device())
+    return load_causal_lm(path, cfg.model.dtype, cfg.model.trust_remote_code, device=_device(),
+                          quantization=quantization_config(scheme, DTYPES[cfg.model.dtype]))
+
+
+def _attack_model(cfg: ExperimentConfig, prepared: PreparedData, plain: ModelEval, relearned: dict[int, Path],
+                  oracle: dict[str, Any] | None, points: list[str]) -> dict[str, Any]:
+    """Every point of one model: load each attacked model once, probe the point's rows, compute the metrics."""
+    tokenizer = prepared.tokenizer()
+    is_oracle = oracle is None
+    out: dict[str, Any] = {}
+    timing: dict[str, float] = {}
+    loaded: dict[tuple[Path, str], Any] = {}
+
+    def model_of(path: Path, scheme: str = "none") -> Any:
+        if (path, scheme) not in loaded:
+            loaded.clear()  # one model in memory at a time
+            loaded[(path, scheme)] = _load(cfg, path, scheme)
+        return loaded[(path, scheme)]
+
+    order = sorted(points, key=lambda p: p.split("@")[0].split(":")[0] in WEIGHT_ATTACKS)  # prompts: plain model
+    for point in order:
+        start = time.perf_counter()
+        rows, template, unavailable, chance = _point_rows(cfg, prepared, point, tokenizer)
+        if unavailable:
+            out[point] = {"metrics": {}, "unavailable": {"*": unavailable}, "per_example": {}}
+            continue
+        kind, _, arg = point.replace("@", ":").partition(":")
+        model = (model_of(relearned[int(arg)]) if kind == "relearn" else model_of(plain.path, arg)
+                 if kind == "quantize" else model_of(plain.path))
+        generate = [s for s in rows if s.startswith("forget")] if cfg.attack.generations else []
+        probes = run_probes(model, rows, tokenizer, cfg, generations=generate, template=template,
+                            max_length=cfg.data.max_length * PROMPT_LENGTH_FACTOR if kind not in WEIGHT_ATTACKS
+                            else None)
+        reference = None if is_oracle else {"per_example": oracle["points"][point]["per_example"]}
+        values = compute_metrics(probes, ATTACK_METRICS, oracle=reference, is_oracle=is_oracle,
+                                 utility_splits=tuple(cfg.eval.utility_splits))
+        metrics = {k: v.value for k, v in values.items()}
+        if chance is not None:
+            metrics["forget_accuracy"] = float(choice_accuracy(probes["forget"].answer,
+                                                               probes["forget"].perturbed or []).mean())
+            metrics["chance_accuracy"] = chance
+        if kind not in WEIGHT_ATTACKS:  # the weights are untouched: utility is the plain evaluation's
+            metrics.update({k: v for k, v in plain.metrics.items() if k.startswith(("retain_", "model_utility"))
+                            or any(k.startswith(f"{s}_") for s in cfg.eval.utility_splits)})
+        per_example = values["forget_truth_ratio"].per_example if "forget_truth_ratio" in values else None
+        out[point] = {"metrics": metrics, "unavailable": {k: v.reason for k, v in values.items() if v.value is None},
+                      "per_example": {"forget_truth_ratio": per_example} if per_example is not None else {},
+                      "generations": {s: {"question": [r["question"] for r in rows[s]], "generation": p.generation}
+                                      for s, p in probes.items() if p.generation}}
+        timing[point] = round(time.perf_counter() - start, 3)
+    return {"label": plain.label, "model": str(plain.path), "identity": plain.result["identity"],
+            "data_fingerprint": prepared.fingerprint, "oracle": None if is_oracle else oracle["model"],
+            "points": {p: out[p] for p in points}, "relearned": {str(k): str(v) for k, v in relearned.items()},
+            "timing": timing, "schemes": {s: QUANT_SCHEMES[s] for s in cfg.attack.quantize.schemes},
+            "conventions": CONVENTIONS}
+
+
+CONVENTIONS = {
+    "robust_forget_quality": "forget quality (two-sample KS p-value of per-item forget truth ratios) of the model "
+                             "after an attack against the oracle after the same attack",
+    "relearn": "fine-tune k steps (method finetune, attack.relearn.lr) on the forget set's people of one half; "
+               "forget_* = the other half, forget_relearned_* = the relearned half",
+    "quantize": "bitsandbytes through transformers' from_pretrained: every decoder linear layer; embeddings and "
+                "LM head unquantized",
+    "choice": "options = the (paraphrased) answer among the perturbed answers, listed A, B, ... in the prompt; "
+              "accuracy: the true option's summed log-likelihood (EOS excluded) above every wrong one's",
+    "cloze": "the fact's statement with the value blanked; answer = the value, options = the wrong values",
+    "context": "up to attack.context.facts other facts of the same person (question and answer) before the "
+               "question",
+    "prefix": "the response begun with attack.context.prefix (prompt, not scored)",
+    "utility": "weight attacks: retain probability and the utility sets' accuracy after the attack; prompt "
+               "attacks: the plain evaluation's (weights unchanged)",
+}
