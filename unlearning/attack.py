@@ -250,7 +250,7 @@ def _attack_model(cfg: ExperimentConfig, prepared: PreparedData, plain: ModelEva
         probes = run_probes(model, rows, tokenizer, cfg, generations=generate, template=template,
                             max_length=cfg.data.max_length * PROMPT_LENGTH_FACTOR if kind not in WEIGHT_ATTACKS
                             else None)
-        reference = None if is_oracle else {"per_example": oracle["points"][point]["per_example"]}
+        reference = None if oracle is None else {"per_example": oracle["points"][point]["per_example"]}
         values = compute_metrics(probes, ATTACK_METRICS, oracle=reference, is_oracle=is_oracle,
                                  utility_splits=tuple(cfg.eval.utility_splits))
         metrics = {k: v.value for k, v in values.items()}
@@ -268,7 +268,7 @@ def _attack_model(cfg: ExperimentConfig, prepared: PreparedData, plain: ModelEva
                                       for s, p in probes.items() if p.generation}}
         timing[point] = round(time.perf_counter() - start, 3)
     return {"label": plain.label, "model": str(plain.path), "identity": plain.result["identity"],
-            "data_fingerprint": prepared.fingerprint, "oracle": None if is_oracle else oracle["model"],
+            "data_fingerprint": prepared.fingerprint, "oracle": None if oracle is None else oracle["model"],
             "points": {p: out[p] for p in points}, "relearned": {str(k): str(v) for k, v in relearned.items()},
             "timing": timing, "schemes": {s: QUANT_SCHEMES[s] for s in cfg.attack.quantize.schemes},
             "conventions": CONVENTIONS}

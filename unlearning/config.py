@@ -424,9 +424,16 @@ class RelearnAttack(Strict):
         return v
 
 
+QuantScheme = Literal["none", "int8", "nf4", "fp4"]
+
+
+def _default_schemes() -> list[QuantScheme]:
+    return ["int8", "nf4"]
+
+
 class QuantizeAttack(Strict):
-    schemes: list[Literal["none", "int8", "nf4", "fp4"]] = Field(
-        default_factory=lambda: ["int8", "nf4"], min_length=1, description="bitsandbytes schemes: int8 (LLM.int8), "
+    schemes: list[QuantScheme] = Field(
+        default_factory=_default_schemes, min_length=1, description="bitsandbytes schemes: int8 (LLM.int8), "
         "nf4 / fp4 (4-bit, blocks of 64); none = the weights as saved")
 
 

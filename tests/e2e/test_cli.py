@@ -100,6 +100,18 @@ def test_unlearn_on_two_ranks_with_lora_then_reuse_then_eval(tmp_path):
     assert evals["unlearned"]["model"] == str(run / "model")
     assert evals["unlearned"]["metrics"]["forget_probability"] < evals["target"]["metrics"]["forget_probability"]
     assert evals["oracle"]["metrics"]["forget_quality"] is None and evals["target"]["metrics"]["forget_quality"] < 1
+    # Then attack the same three models with two prompt attacks (the evaluations reused).
+    res = unlearn("attack", str(config), "eval.suite=quick", "eval.models=[target,oracle,unlearned]", cwd=tmp_path)
+    assert res.returncode == 2 and "error: attack.attacks is empty" in res.stderr and "Traceback" not in res.stderr
+    res = unlearn("attack", str(config), "eval.suite=quick", "eval.models=[target,oracle,unlearned]",
+                  "attack.attacks=[choice,prefix]", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Robust forget quality" in res.stdout and "choice (chance 0.25)" in res.stdout
+    attacked = {p.name.split("-")[0]: json.loads((p / "attack.json").read_text())
+                for p in (tmp_path / "run/attack").iterdir()}
+    assert set(attacked) == {"target", "oracle", "unlearned"}
+    assert list(attacked["unlearned"]["points"]) == ["choice", "prefix"]
+    assert attacked["unlearned"]["oracle"] == evals["oracle"]["model"]
 
 
 def test_merge_then_eval_the_merged_models(tmp_path):

@@ -175,6 +175,8 @@ def test_seeds_repeat_every_stage_and_the_report_gives_medians_ranges_and_the_no
 
     raw, uri = _raw(tmp_path, max_steps=4, snapshot_every=2)
     raw.update(seeds=[0, 1], methods=[{"name": "ga"}])
+    raw["attack"] = {"attacks": ["relearn", "quantize", "choice", "prefix"], "models": ["target", "ga"],
+                     "relearn": {"steps": [5], "lr": 1e-3}, "quantize": {"schemes": ["nf4"]}}
     raw["eval"]["models"] = ["target", "oracle", "unlearned"]
     raw["tracking"]["register_models"] = False
     report = pipeline(raw)
@@ -199,3 +201,24 @@ def test_seeds_repeat_every_stage_and_the_report_gives_medians_ranges_and_the_no
     seed_runs = {r.data.tags["seed"]: r.info.run_id for r in by_name["seed-0"] + by_name["seed-1"]}
     assert set(seed_runs) == {"0", "1"} and len(by_name["unlearn-ga"]) == 2
     assert {r.data.tags["mlflow.parentRunId"] for r in by_name["unlearn-ga"]} == set(seed_runs.values())
+
+    # The attack stage at each seed: the oracle attacked alike, a robustness section of medians over the seeds,
+    # and one MLflow run per attack under each seed's run with every attacked model's metrics.
+    robust = report["robustness"]
+    points = ["relearn@5", "quantize:nf4", "choice", "prefix"]
+    assert robust["points"] == points and {"attack [seed=0]", "attack [seed=1]"} <= set(report["stages"])
+    assert list(robust["metrics"]) == ["oracle", "target", "ga"]
+    for point in points:
+        values = [robust["per_seed"][s]["ga"][f"{point}/forget_quality"] for s in ("0", "1")]
+        assert robust["metrics"]["ga"][f"{point}/forget_quality"] == pytest.approx(sum(values) / 2)
+    attack_json = json.loads(Path(robust["attack"]["1"]["ga"]).read_text())
+    assert attack_json["points"]["choice"]["metrics"]["forget_quality"] == robust["per_seed"]["1"]["ga"][
+        "choice/forget_quality"]
+    assert "## Robustness" in text and "Robust forget quality" in text and Path(robust["plot"]).stat().st_size > 5000
+    assert len(by_name["attack-relearn@5"]) == 2
+    assert {r.data.tags["mlflow.parentRunId"] for r in by_name["attack-relearn@5"]} == set(seed_runs.values())
+    seed1 = next(r for r in by_name["attack-choice"] if r.data.tags["mlflow.parentRunId"] == seed_runs["1"])
+    assert seed1.data.metrics["ga.forget_quality"] == pytest.approx(robust["per_seed"]["1"]["ga"][
+        "choice/forget_quality"])
+    parent = by_name["pico"][0].info.run_id
+    assert "robustness.png" in {a.path for a in client.list_artifacts(parent)}

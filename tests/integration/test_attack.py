@@ -38,8 +38,9 @@ def _zero(cfg, evals):
     """The same run with every prompt attack at zero strength (no context facts, no prefix)."""
     from unlearning.stages import attack, prepare
 
-    zero = cfg.model_copy(update={"attack": cfg.attack.model_copy(update={
-        "attacks": ["context", "prefix"], "context": cfg.attack.context.model_copy(update={"facts": 0, "prefix": ""})})})
+    none = cfg.attack.context.model_copy(update={"facts": 0, "prefix": ""})
+    zero = cfg.model_copy(update={"attack": cfg.attack.model_copy(update={"attacks": ["context", "prefix"],
+                                                                          "context": none})})
     return attack(zero, evals, prepare(zero))
 
 
@@ -47,7 +48,7 @@ FORGET_METRICS = ("forget_probability", "forget_truth_ratio", "forget_quality")
 
 
 def test_quantization_none_reproduces_the_plain_evaluation_exactly(run):
-    cfg, evals, attacked = run
+    _, evals, attacked = run
     for label, plain in evals.items():
         point = attacked.results[label]["points"]["quantize:none"]["metrics"]
         for key in (*FORGET_METRICS, "retain_probability", "retain_truth_ratio", "world_facts_accuracy"):
@@ -144,7 +145,7 @@ def test_bad_attack_configs_are_refused_before_any_model_is_built(tmp_path):
 
     raw = _raw(tmp_path / "run", 0)
     raw["eval"]["models"] = ["target", "unlearned"]
-    with pytest.raises(UserError, match="needs the oracle in eval.models"):
+    with pytest.raises(UserError, match=r"needs the oracle in eval\.models"):
         validate_config(raw)
     cfg = validate_config(_raw(tmp_path / "run", 0, relearn={"steps": [10], "batch_size": 8}))
     problems = preflight(cfg, prepare(cfg))

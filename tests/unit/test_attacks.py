@@ -13,7 +13,8 @@ ROWS = [
     {"entity": "Mara Voss", "question": "Where was Mara Voss born?", "answer": "Drulzeath.",
      "paraphrased_question": "In which city was Mara Voss born?", "paraphrased_answer": "It is Drulzeath.",
      "perturbed_answer": ["It is Kelbrin.", "It is Stoumar.", "It is Vaithor."],
-     "cloze": "Mara Voss was born in ___.", "cloze_answer": "Drulzeath", "cloze_wrong": ["Kelbrin", "Stoumar", "Vaithor"]},
+     "cloze": "Mara Voss was born in ___.", "cloze_answer": "Drulzeath",
+     "cloze_wrong": ["Kelbrin", "Stoumar", "Vaithor"]},
     {"entity": "Mara Voss", "question": "What genre does Mara Voss write?", "answer": "Poetry.",
      "perturbed_answer": ["It is crime.", "It is horror.", "It is romance."], "paraphrased_answer": "It is poetry."},
     {"entity": "Teo Brun", "question": "Which instrument does Teo Brun play?", "answer": "Cello.",
@@ -32,7 +33,8 @@ def test_choice_lists_the_true_answer_among_the_perturbed_ones_in_one_wording():
     for row, orig in zip(asked.rows, ROWS, strict=True):
         assert row["answer"] == orig["paraphrased_answer"]
         assert sorted(row["perturbed_answer"]) == sorted(orig["perturbed_answer"])
-        listed = [line.split(". ", 1)[1] for line in row["question"].splitlines() if line[:2] in ("A.", "B.", "C.", "D.")]
+        lines = row["question"].splitlines()
+        listed = [line.split(". ", 1)[1] for line in lines if line[:2] in ("A.", "B.", "C.", "D.")]
         assert sorted(listed) == sorted([orig["paraphrased_answer"], *orig["perturbed_answer"]])
     positions = {asked_row["question"].splitlines().index(next(
         line for line in asked_row["question"].splitlines() if line.endswith(asked_row["answer"])))
@@ -59,7 +61,8 @@ def test_prefix_goes_in_the_prompt_and_is_never_scored():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = "Question : Where was Mara Voss born ? Answer Sure , the answer is Drulzeath . </s> <pad>".split()
+    words = ["Question", ":", "Where", "was", "Mara", "Voss", "born", "?", "Answer", "Sure", ",", "the", "answer", "is",
+             "Drulzeath", ".", "</s>", "<pad>"]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>")
@@ -89,7 +92,7 @@ def _tiny_model(tmp_path, on_grid: bool):
     if on_grid:
         import bitsandbytes.functional as bnbf
 
-        for name, module in model.model.named_modules():
+        for module in model.model.modules():
             if isinstance(module, torch.nn.Linear):  # quantize once: the dequantized weights lie on the NF4 grid
                 q, state = bnbf.quantize_4bit(module.weight.data, blocksize=64, quant_type="nf4")
                 module.weight.data = bnbf.dequantize_4bit(q, state, blocksize=64, quant_type="nf4")
