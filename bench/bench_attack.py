@@ -1,0 +1,71 @@
+"""Attack-suite benchmark: the whole attack suite of one model against one plain evaluation of it, side by side.
+
+On the config's first seed (the demo by default; its models built or reused through the stages), for one
+evaluated model (`--label`, default the first unlearned method), alternating `--repeats` times:
+
+- baseline: one plain evaluation of the model (`evaluate_checkpoint`: every split, every probe, the suite);
+- ours: every attack point of the config for that model: the relearning fine-tunes (one start of the ranks,
+  as the stage runs them; not cached: a fresh output directory each repeat) and the evaluation of each
+  point, the oracle's results given (the oracle is attacked once per run for every model).
+
+Prints both times and the ratio (target: ≤ 3×), and the per-point times of the fastest repeat.
+
+    .venv/bin/python bench/bench_attack.py [--config configs/demo.yaml] [--label npo] [--repeats 2] [KEY=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--label", default=None)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+
+    from unlearning import attack as stage
+    from unlearning.config import load_config, seed_runs
+    from unlearning.evaluate.runner import evaluate_checkpoint
+    from unlearning.stages import evaluate, prepare
+
+    cfg = next(iter(seed_runs(load_config(args.config, args.overrides)).values()))
+    evals = evaluate(cfg)
+    prepared = prepare(cfg)
+    label = args.label or next(x for x in evals if x not in ("target", "oracle"))
+    oracle = stage.attack(cfg.model_copy(update={"attack": cfg.attack.model_copy(update={"models": []})}), evals,
+                          prepared).results["oracle"]
+    points = stage.attack_points(cfg)
+    plain_s, attack_s, per_point = [], [], {}
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        evaluate_checkpoint(evals[label].path, prepared, cfg, label=label, oracle=evals["oracle"], is_oracle=False)
+        plain_s.append(time.perf_counter() - start)
+        scratch = Path(tempfile.mkdtemp(prefix="bench-attack-"))
+        fresh = cfg.model_copy(update={"output_dir": str(scratch)})
+        try:
+            start = time.perf_counter()
+            relearned = stage._relearn(fresh, prepared, {label: evals[label].path})
+            result = stage._attack_model(fresh, prepared, evals[label], relearned.get(label, {}), oracle, points)
+            attack_s.append(time.perf_counter() - start)
+            if attack_s[-1] == min(attack_s):
+                per_point = result["timing"]
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    best_plain, best_attack = min(plain_s), min(attack_s)
+    print(f"model {label} ({cfg.name}, seed {cfg.seed}); {len(points)} attack points: {', '.join(points)}")
+    print(f"plain evaluation  {best_plain:8.1f} s   (runs: {', '.join(f'{t:.1f}' for t in plain_s)})")
+    print(f"attack suite      {best_attack:8.1f} s   (runs: {', '.join(f'{t:.1f}' for t in attack_s)})")
+    print(f"ratio             {best_attack / best_plain:8.2f}x  (target: <= 3x)")
+    print("per point (s, evaluation only; relearning training is outside): "
+          + ", ".join(f"{p} {t:.1f}" for p, t in per_point.items()))
+
+
+if __name__ == "__main__":
+    main()
