@@ -52,7 +52,8 @@ def main() -> None:
         try:
             start = time.perf_counter()
             relearned = stage._relearn(fresh, prepared, {label: evals[label].path})
-            result = stage._attack_model(fresh, prepared, evals[label], relearned.get(label, {}), oracle, points)
+            asked = stage.point_data(fresh, prepared, points)
+            result = stage._attack_model(fresh, prepared, evals[label], relearned.get(label, {}), oracle, asked)
             attack_s.append(time.perf_counter() - start)
             if attack_s[-1] == min(attack_s):
                 per_point = result["timing"]

@@ -51,7 +51,13 @@ from unlearning.evaluate.report import (
     table_columns,
     tradeoff_plot,
 )
-from unlearning.evaluate.robustness import robustness_markdown, robustness_plot, survivors
+from unlearning.evaluate.robustness import (
+    robustness_markdown,
+    robustness_plot,
+    summarise_attacks,
+    survival_groups,
+    survivors,
+)
 from unlearning.evaluate.runner import eval_key, given_checkpoints
 from unlearning.merge.stage import finetune_config, training_jobs
 from unlearning.models import model_identity
@@ -362,21 +368,16 @@ def robustness(out: Path, title: str, plain: dict[str, dict[str, Any]], attacked
     """The robustness section (markdown), plot and medians over seeds of the attack results, or None."""
     if not attacked:
         return None
-    first = next(iter(attacked.values()))
-    summary = summarise({seed: {label: a.metrics(label) for label in a.results} for seed, a in attacked.items()})
-    chance = {p: v for p in first.points if (v := next(
-        (r["points"][p]["metrics"].get("chance_accuracy") for r in first.results.values()), None)) is not None}
-    plot = robustness_plot(summary, plain, first.points, out / "robustness.png", f"{title}: forget quality after "
+    summary, points, chance = summarise_attacks(attacked)
+    plot = robustness_plot(summary, plain, points, out / "robustness.png", f"{title}: forget quality after "
                            "each attack, vs the attacked oracle")
-    return {"markdown": robustness_markdown(summary, plain, first.points, chance, exclude), "plot": str(plot),
-            "points": first.points, "metrics": medians(summary),
+    groups = survival_groups(points)
+    return {"markdown": robustness_markdown(summary, plain, points, chance, exclude), "plot": str(plot),
+            "points": points, "metrics": medians(summary),
             "spread": {label: {k: [v.low, v.high] for k, v in m.items()} for label, m in summary.items()},
             "per_seed": {str(seed): {label: a.metrics(label) for label in a.results} for seed, a in attacked.items()},
             "attack": {str(seed): {label: str(p) for label, p in a.paths.items()} for seed, a in attacked.items()},
-            "survivors": {"relearn": survivors(summary, [p for p in first.points if p.startswith("relearn@")
-                                                         and p != "relearn@0"], exclude),
-                          "4bit": survivors(summary, [p for p in first.points if p in ("quantize:nf4", "quantize:fp4")],
-                                            exclude)}}
+            "survivors": {name: survivors(summary, group, exclude) for name, group in groups.items() if group}}
 
 
 def register(cfg: ExperimentConfig, by_seed: SeedEvals, best: str | None, tracker: NullTracker

@@ -29,15 +29,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unlearning.config import ExperimentConfig, MethodConfig, StopConfig, content_hash
+from unlearning.config import ExperimentConfig, content_hash
 from unlearning.data.prepare import PreparedData, derive
 from unlearning.errors import UserError, raise_if
 from unlearning.evaluate import attacks as attack_defs
-from unlearning.evaluate.attacks import PROMPTS, QUANT_SCHEMES, encoded, entity_halves, quantization_config
+from unlearning.evaluate.attacks import (
+    PROMPTS,
+    QUANT_SCHEMES,
+    encoded,
+    entity_halves,
+    point_kind,
+    quantization_config,
+)
 from unlearning.evaluate.metrics import choice_accuracy
 from unlearning.evaluate.runner import ModelEval, _device, compute_metrics, definitions_hash, evaluated_rows, run_probes
 from unlearning.models import DTYPES, load_causal_lm, model_identity
-from unlearning.unlearn import RUN_SETTINGS, data_problems, launch_problems, unlearn_many, world_size
+from unlearning.unlearn import RUN_SETTINGS, data_problems, forget_finetune, launch_problems, unlearn_many, world_size
 
 ATTACK_VERSION = 1
 ATTACK_METRICS = ("probability", "choice_accuracy", "rouge", "truth_ratio", "forget_quality")
@@ -103,11 +110,8 @@ def relearn_config(cfg: ExperimentConfig, steps: int) -> ExperimentConfig:
     """The relearning fine-tune: descent on the forget NLL (`finetune`), attack.relearn's lr, k steps, no stop
     rules, full or LoRA; the launch (ranks, ZeRO, batch) as the config's training."""
     r = cfg.attack.relearn
-    method = MethodConfig(name="finetune", gamma=1.0, alpha=0.0, retain_loss="none")
-    lora = cfg.train.lora.model_copy(update={"enabled": r.lora})
-    train = cfg.train.model_copy(update={"lr": r.lr, "max_steps": max(steps, 1), "stop": StopConfig(), "lora": lora,
-                                         "snapshot_every": 0, "batch_size": r.batch_size or cfg.train.batch_size})
-    return cfg.model_copy(update={"method": method, "train": train, "methods": []})
+    return forget_finetune(cfg, lr=r.lr, max_steps=max(steps, 1), lora=r.lora, snapshot_every=0,
+                           batch_size=r.batch_size or cfg.train.batch_size)
 
 
 def preflight_problems(cfg: ExperimentConfig, prepared: PreparedData) -> list[str]:
@@ -161,12 +165,13 @@ def attack(cfg: ExperimentConfig, evals: dict[str, ModelEval], prepared: Prepare
     dirs = {label: cfg.out / "attack" / f"{label}-{keys[label]}" for label in labels}
     todo = [label for label in labels if not (dirs[label] / "attack.json").is_file()]
     relearned = _relearn(cfg, prepared, {label: evals[label].path for label in todo}) if todo else {}
+    asked = point_data(cfg, prepared, points) if todo else {}
     results: dict[str, dict[str, Any]] = {}
     for label in labels:
         path = dirs[label] / "attack.json"
         if label in todo:
             oracle = None if label == "oracle" else results["oracle"]
-            result = _attack_model(cfg, prepared, evals[label], relearned.get(label, {}), oracle, points)
+            result = _attack_model(cfg, prepared, evals[label], relearned.get(label, {}), oracle, asked)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".attack.json.tmp-{os.getpid()}")
             tmp.write_text(json.dumps(result, indent=1))
@@ -191,27 +196,44 @@ def _relearn(cfg: ExperimentConfig, prepared: PreparedData, models: dict[str, Pa
     return out
 
 
-def _point_rows(cfg: ExperimentConfig, prepared: PreparedData, point: str, tokenizer: Any
-                ) -> tuple[dict[str, list[dict[str, Any]]], Any, str | None, float | None]:
-    """(split → rows, template, why unavailable, chance accuracy) of one attack point."""
+@dataclass(frozen=True)
+class PointData:
+    """What one attack point asks, the same for every model: split → rows, the template and length limit they are
+    encoded with, and why the point cannot run on this data, or the chance accuracy of a choice format."""
+
+    rows: dict[str, list[dict[str, Any]]]
+    template: Any
+    max_length: int | None = None  # None: data.max_length
+    unavailable: str | None = None
+    chance: float | None = None
+
+
+def point_data(cfg: ExperimentConfig, prepared: PreparedData, points: list[str]) -> dict[str, PointData]:
+    """Every point's `PointData`: the data read, split and (for the prompt attacks) encoded once per stage call."""
     data = prepared.splits()
     template = cfg.data.template
     forget = evaluated_rows(data, "forget", cfg)
-    utility = [s for s in ("retain", *cfg.eval.utility_splits) if s in data and s in (cfg.eval.splits or data)]
-    kind = point.split("@")[0].split(":")[0]
-    if kind == "relearn":
-        rows = list(data["forget"])
-        _, trained, held_out = relearn_data(cfg, prepared)
-        return ({"forget": [rows[i] for i in held_out], "forget_relearned": [rows[i] for i in trained],
-                 **{s: evaluated_rows(data, s, cfg) for s in utility}}, template, None, None)
-    if kind == "quantize":
-        return {"forget": forget, **{s: evaluated_rows(data, s, cfg) for s in utility}}, template, None, None
+    utility = {s: evaluated_rows(data, s, cfg) for s in ("retain", *cfg.eval.utility_splits)
+               if s in data and s in (cfg.eval.splits or data)}
+    tokenizer = prepared.tokenizer()
     settings = {"seed": cfg.data_seed, **cfg.attack.context.model_dump()}
-    prompted = PROMPTS.get(kind).fn(forget, template, settings)
-    if prompted.unavailable:
-        return {}, template, prompted.unavailable, None
-    rows = encoded(prompted, tokenizer, cfg.data.max_length * PROMPT_LENGTH_FACTOR)
-    return {"forget": rows}, prompted.template, None, prompted.chance
+    out: dict[str, PointData] = {}
+    for point in points:
+        kind, _ = point_kind(point)
+        if kind == "relearn":
+            rows = list(data["forget"])
+            _, trained, held_out = relearn_data(cfg, prepared)
+            out[point] = PointData({"forget": [rows[i] for i in held_out],
+                                    "forget_relearned": [rows[i] for i in trained], **utility}, template)
+        elif kind == "quantize":
+            out[point] = PointData({"forget": forget, **utility}, template)
+        else:
+            prompted = PROMPTS.get(kind).fn(forget, template, settings)
+            limit = cfg.data.max_length * PROMPT_LENGTH_FACTOR
+            out[point] = (PointData({}, template, unavailable=prompted.unavailable) if prompted.unavailable else
+                          PointData({"forget": encoded(prompted, tokenizer, limit)}, prompted.template, limit,
+                                    chance=prompted.chance))
+    return out
 
 
 def _load(cfg: ExperimentConfig, path: Path, scheme: str = "none") -> Any:
@@ -222,8 +244,9 @@ def _load(cfg: ExperimentConfig, path: Path, scheme: str = "none") -> Any:
 
 
 def _attack_model(cfg: ExperimentConfig, prepared: PreparedData, plain: ModelEval, relearned: dict[int, Path],
-                  oracle: dict[str, Any] | None, points: list[str]) -> dict[str, Any]:
-    """Every point of one model: load each attacked model once, probe the point's rows, compute the metrics."""
+                  oracle: dict[str, Any] | None, asked: dict[str, PointData]) -> dict[str, Any]:
+    """Every point of one model (`asked`: point → `PointData`): load each attacked model once, probe the point's
+    rows, compute the metrics."""
     tokenizer = prepared.tokenizer()
     is_oracle = oracle is None
     out: dict[str, Any] = {}
@@ -236,40 +259,39 @@ def _attack_model(cfg: ExperimentConfig, prepared: PreparedData, plain: ModelEva
             loaded[(path, scheme)] = _load(cfg, path, scheme)
         return loaded[(path, scheme)]
 
-    order = sorted(points, key=lambda p: p.split("@")[0].split(":")[0] in WEIGHT_ATTACKS)  # prompts: plain model
+    order = sorted(asked, key=lambda p: point_kind(p)[0] in WEIGHT_ATTACKS)  # the prompt attacks share the model
     for point in order:
         start = time.perf_counter()
-        rows, template, unavailable, chance = _point_rows(cfg, prepared, point, tokenizer)
-        if unavailable:
-            out[point] = {"metrics": {}, "unavailable": {"*": unavailable}, "per_example": {}}
+        data = asked[point]
+        if data.unavailable:
+            out[point] = {"metrics": {}, "unavailable": {"*": data.unavailable}, "per_example": {}}
             continue
-        kind, _, arg = point.replace("@", ":").partition(":")
+        kind, arg = point_kind(point)
         model = (model_of(relearned[int(arg)]) if kind == "relearn" else model_of(plain.path, arg)
                  if kind == "quantize" else model_of(plain.path))
-        generate = [s for s in rows if s.startswith("forget")] if cfg.attack.generations else []
-        probes = run_probes(model, rows, tokenizer, cfg, generations=generate, template=template,
-                            max_length=cfg.data.max_length * PROMPT_LENGTH_FACTOR if kind not in WEIGHT_ATTACKS
-                            else None)
+        generate = [s for s in data.rows if s.startswith("forget")] if cfg.attack.generations else []
+        probes = run_probes(model, data.rows, tokenizer, cfg, generations=generate, template=data.template,
+                            max_length=data.max_length)
         reference = None if oracle is None else {"per_example": oracle["points"][point]["per_example"]}
         values = compute_metrics(probes, ATTACK_METRICS, oracle=reference, is_oracle=is_oracle,
                                  utility_splits=tuple(cfg.eval.utility_splits))
         metrics = {k: v.value for k, v in values.items()}
-        if chance is not None:
+        if data.chance is not None:
             metrics["forget_accuracy"] = float(choice_accuracy(probes["forget"].answer,
                                                                probes["forget"].perturbed or []).mean())
-            metrics["chance_accuracy"] = chance
+            metrics["chance_accuracy"] = data.chance
         if kind not in WEIGHT_ATTACKS:  # the weights are untouched: utility is the plain evaluation's
             metrics.update({k: v for k, v in plain.metrics.items() if k.startswith(("retain_", "model_utility"))
                             or any(k.startswith(f"{s}_") for s in cfg.eval.utility_splits)})
         per_example = values["forget_truth_ratio"].per_example if "forget_truth_ratio" in values else None
         out[point] = {"metrics": metrics, "unavailable": {k: v.reason for k, v in values.items() if v.value is None},
                       "per_example": {"forget_truth_ratio": per_example} if per_example is not None else {},
-                      "generations": {s: {"question": [r["question"] for r in rows[s]], "generation": p.generation}
+                      "generations": {s: {"question": [r["question"] for r in data.rows[s]], "generation": p.generation}
                                       for s, p in probes.items() if p.generation}}
         timing[point] = round(time.perf_counter() - start, 3)
     return {"label": plain.label, "model": str(plain.path), "identity": plain.result["identity"],
             "data_fingerprint": prepared.fingerprint, "oracle": None if oracle is None else oracle["model"],
-            "points": {p: out[p] for p in points}, "relearned": {str(k): str(v) for k, v in relearned.items()},
+            "points": {p: out[p] for p in asked}, "relearned": {str(k): str(v) for k, v in relearned.items()},
             "timing": timing, "schemes": {s: QUANT_SCHEMES[s] for s in cfg.attack.quantize.schemes},
             "conventions": CONVENTIONS}
 

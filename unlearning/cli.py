@@ -179,7 +179,7 @@ def cmd_attack(args: argparse.Namespace) -> None:
 
     from unlearning.config import seed_runs
     from unlearning.evaluate.report import summarise
-    from unlearning.evaluate.robustness import robustness_markdown
+    from unlearning.evaluate.robustness import robustness_markdown, summarise_attacks
     from unlearning.stages import attack, evaluate, prepare
 
     cfg = _load(args)
@@ -191,12 +191,9 @@ def cmd_attack(args: argparse.Namespace) -> None:
         evals[seed] = evaluate(run)
         attacked[seed] = attack(run, evals[seed], prepare(run))
     plain = summarise({seed: {label: r.metrics for label, r in e.items()} for seed, e in evals.items()})
-    summary = summarise({seed: {label: a.metrics(label) for label in a.results} for seed, a in attacked.items()})
-    first = next(iter(attacked.values()))
-    chance = {p: v for p in first.points for r in first.results.values()
-              if (v := r["points"][p]["metrics"].get("chance_accuracy")) is not None}
-    console = _wide_console(40 + 22 * (len(first.points) + 1))
-    console.print(Markdown(robustness_markdown(summary, plain, first.points, chance,
+    summary, points, chance = summarise_attacks(attacked)
+    console = _wide_console(40 + 22 * (len(points) + 1))
+    console.print(Markdown(robustness_markdown(summary, plain, points, chance,
                                                ("target", "oracle", *cfg.eval.references))))
     for seed, a in attacked.items():
         for label, path in a.paths.items():

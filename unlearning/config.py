@@ -402,6 +402,13 @@ class TrackingConfig(Strict):
         return v
 
 
+def no_repeats(values: list[Any], problem: str) -> list[Any]:
+    """`values` unchanged, or a validation error naming them and the `problem` when one repeats."""
+    if len(set(values)) != len(values):
+        raise ValueError(f"{values} {problem}")
+    return values
+
+
 ATTACKS = ("relearn", "quantize", "choice", "cloze", "paraphrase", "context", "prefix")
 
 
@@ -419,9 +426,9 @@ class RelearnAttack(Strict):
     @pydantic.field_validator("steps")
     @classmethod
     def _steps(cls, v: list[int]) -> list[int]:
-        if any(k < 0 for k in v) or len(set(v)) != len(v):
-            raise ValueError(f"{v}: give distinct step counts ≥ 0, e.g. [10, 50]")
-        return v
+        if any(k < 0 for k in v):
+            raise ValueError(f"{v}: give step counts ≥ 0, e.g. [10, 50]")
+        return no_repeats(v, "repeats a step count")
 
 
 QuantScheme = Literal["none", "int8", "nf4", "fp4"]
@@ -461,9 +468,7 @@ class AttackConfig(Strict):
     @pydantic.field_validator("attacks")
     @classmethod
     def _distinct(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
-            raise ValueError(f"{v} names an attack twice")
-        return v
+        return no_repeats(v, "names an attack twice")
 
 
 Stage = Literal["prepare", "build", "unlearn", "merge", "eval", "attack"]
@@ -539,9 +544,7 @@ class ExperimentConfig(Strict):
     @pydantic.field_validator("seeds")
     @classmethod
     def _distinct_seeds(cls, v: list[int]) -> list[int]:
-        if len(set(v)) != len(v):
-            raise ValueError(f"seeds repeat in {v}; list each seed once")
-        return v
+        return no_repeats(v, "repeats a seed; list each seed once")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from unlearning.checkpoints import checkpoint_dir
-from unlearning.config import ExperimentConfig, content_hash, dump_yaml
+from unlearning.config import ExperimentConfig, MethodConfig, StopConfig, content_hash, dump_yaml
 from unlearning.data.prepare import PreparedData, prepare
 from unlearning.errors import UserError, raise_if
 from unlearning.models import build_models, model_identity, probabilities, tiny_llama
@@ -117,6 +117,18 @@ def _lora_problems(cfg: ExperimentConfig, tokenizer: Any) -> list[str]:
 
 # Settings that change how a run goes, not its weights (packing: the same losses up to float rounding).
 RUN_SETTINGS = {"checkpoint_every", "keep_checkpoints", "hostfile", "timeout_s", "packing"}
+
+
+def forget_finetune(cfg: ExperimentConfig, *, lr: float, max_steps: int, lora: bool, **train: Any
+                    ) -> ExperimentConfig:
+    """`cfg` as a fine-tune on its forget set: method `finetune` (descent on the forget NLL, no retain term),
+    `lr`, `max_steps`, no stop rules, LoRA on or off (train.lora's r/alpha/modules), any further `train`
+    settings; the launch (ranks, ZeRO, batch) as the config's. The merge's task vector and the attack stage's
+    relearning are both this run."""
+    method = MethodConfig(name="finetune", gamma=1.0, alpha=0.0, retain_loss="none")
+    settings = cfg.train.model_copy(update={"lr": lr, "max_steps": max_steps, "stop": StopConfig(),
+                                            "lora": cfg.train.lora.model_copy(update={"enabled": lora}), **train})
+    return cfg.model_copy(update={"method": method, "train": settings})
 
 
 def run_key(cfg: ExperimentConfig, target: str, prepared: PreparedData) -> str:

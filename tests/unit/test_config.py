@@ -182,7 +182,7 @@ def test_seeds_repeat_the_run_on_the_data_of_one_seed():
     assert list(runs) == [0, 1, 2] and [r.seed for r in runs.values()] == [0, 1, 2]
     assert {r.data_seed for r in runs.values()} == {3} and all(r.seeds == [] for r in runs.values())
     assert seed_runs(validate_config({"name": "x", "seed": 5})) == {5: validate_config({"name": "x", "seed": 5})}
-    with pytest.raises(UserError, match="seeds repeat"):
+    with pytest.raises(UserError, match="repeats a seed"):
         validate_config({"name": "x", "seeds": [1, 1]})
 
 

@@ -69,9 +69,7 @@ def choice(rows: Sequence[dict[str, Any]], template: Template, settings: dict[st
     one, else the answer."""
     if not all(r.get("perturbed_answer") for r in rows):
         return _unavailable(template, "the forget split has no perturbed answers to offer as options")
-    n_wrong = min(len(r["perturbed_answer"]) for r in rows)
-    if n_wrong + 1 > len(OPTION_LETTERS):
-        n_wrong = len(OPTION_LETTERS) - 1
+    n_wrong = min(len(OPTION_LETTERS) - 1, *(len(r["perturbed_answer"]) for r in rows))
     out = []
     for i, r in enumerate(rows):
         true = r.get("paraphrased_answer") or r["answer"]
@@ -120,6 +118,13 @@ def prefix(rows: Sequence[dict[str, Any]], template: Template, settings: dict[st
     prompt attack; the prefix is prompt, never scored. An empty prefix is the plain question."""
     text = settings.get("prefix", AFFIRMATIVE_PREFIX)
     return Prompted(list(rows), template.model_copy(update={"response_prefix": text}) if text else template)
+
+
+def point_kind(point: str) -> tuple[str, str]:
+    """An attack point's kind and argument: relearn@10 → (relearn, 10), quantize:nf4 → (quantize, nf4),
+    choice → (choice, '')."""
+    kind, _, arg = point.replace("@", ":").partition(":")
+    return kind, arg
 
 
 def _entity(row: dict[str, Any]) -> dict[str, Any]:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from unlearning.evaluate.report import Spread, format_spread
+from unlearning.evaluate.attacks import point_kind
+from unlearning.evaluate.report import Spread, format_spread, summarise
 
 Summary = Mapping[str, Mapping[str, Spread]]  # label → metric → spread over seeds
 
@@ -27,7 +29,7 @@ TABLES = (  # (metric, heading, which points carry it)
 
 
 def _applies(point: str, which: str) -> bool:
-    kind = point.split("@")[0].split(":")[0]
+    kind, _ = point_kind(point)
     return which == "all" or (which == "choice" and kind in ("choice", "cloze")) or (
         which == "weights" and kind in ("relearn", "quantize"))
 
@@ -45,6 +47,22 @@ def point_table(attacked: Summary, plain: Summary, metric: str, points: Sequence
                  *(format_spread(m.get(f"{p}/{metric}")) for p in points)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def survival_groups(points: Sequence[str]) -> dict[str, list[str]]:
+    """The attack groups the report names the surviving methods of: every relearning (k > 0), 4-bit."""
+    return {"every relearning": [p for p in points if point_kind(p)[0] == "relearn" and p != "relearn@0"],
+            "4-bit quantization": [p for p in points if p in ("quantize:nf4", "quantize:fp4")]}
+
+
+def summarise_attacks(by_seed: Mapping[int, Any]) -> tuple[dict[str, dict[str, Spread]], list[str], dict[str, float]]:
+    """seed → the attack stage's `Attacked`, to (label → `<point>/<metric>` → spread over the seeds, the points,
+    point → chance accuracy of the choice formats)."""
+    summary = summarise({seed: {label: a.metrics(label) for label in a.results} for seed, a in by_seed.items()})
+    first = next(iter(by_seed.values()))
+    chance = {p: v for r in first.results.values() for p in first.points
+              if (v := r["points"][p]["metrics"].get("chance_accuracy")) is not None}
+    return summary, list(first.points), chance
 
 
 def survivors(attacked: Summary, points: Sequence[str], exclude: Sequence[str] = ("target", "oracle"),
@@ -65,9 +83,7 @@ def robustness_markdown(attacked: Summary, plain: Summary, points: Sequence[str]
         if cols:
             lines += [f"{heading}:", "", point_table(attacked, plain, metric, cols,
                                                      chance if metric == "forget_accuracy" else None), ""]
-    groups = {"every relearning": [p for p in points if p.startswith("relearn@") and p != "relearn@0"],
-              "4-bit quantization": [p for p in points if p in ("quantize:nf4", "quantize:fp4")]}
-    for name, group in groups.items():
+    for name, group in survival_groups(points).items():
         if group:
             kept = survivors(attacked, group, exclude)
             lines.append(f"- Forget quality > {KEEPS:g} after {name} ({', '.join(group)}): "

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unlearning.config import ExperimentConfig, MethodConfig, StopConfig, content_hash
+from unlearning.config import ExperimentConfig, content_hash
 from unlearning.merge.streaming import MERGES, merge_checkpoints
 from unlearning.models import build_models, model_identity, probabilities
-from unlearning.unlearn import unlearn
+from unlearning.unlearn import forget_finetune, unlearn
 
 
 @dataclass(frozen=True)
@@ -38,10 +38,7 @@ class Merged:
 def finetune_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """The experiment config of the forget fine-tune: `train` with the merge's lr/steps, no stop rules."""
     ft = cfg.merge.finetune
-    method = MethodConfig(name="finetune", gamma=1.0, alpha=0.0, retain_loss="none")
-    lora = cfg.train.lora.model_copy(update={"enabled": ft.lora})
-    train = cfg.train.model_copy(update={"lr": ft.lr, "max_steps": ft.max_steps, "stop": StopConfig(), "lora": lora})
-    return cfg.model_copy(update={"method": method, "train": train})
+    return forget_finetune(cfg, lr=ft.lr, max_steps=ft.max_steps, lora=ft.lora)
 
 
 FINETUNE_JOB = "(merge.finetune)"  # its label among training jobs: no method label can take this form
