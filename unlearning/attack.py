@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from unlearning.evaluate.attacks import (
     QUANT_SCHEMES,
     encoded,
     entity_halves,
+    one_question,
     point_kind,
     quantization_config,
 )
@@ -106,11 +108,15 @@ def attack_problems(cfg: ExperimentConfig, evals: dict[str, ModelEval]) -> list[
     return problems
 
 
-def relearn_config(cfg: ExperimentConfig, steps: int) -> ExperimentConfig:
-    """The relearning fine-tune: descent on the forget NLL (`finetune`), attack.relearn's lr, k steps, no stop
-    rules, full or LoRA; the launch (ranks, ZeRO, batch) as the config's training."""
+def relearn_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The relearning fine-tune: descent on the forget NLL (`finetune`), attack.relearn's lr held constant (no
+    warm-up, no decay), max(attack.relearn.steps) steps with a snapshot at every other k, so the snapshot at k is
+    exactly a k-step fine-tune and one run serves every k; no stop rules, full or LoRA; the launch (ranks, ZeRO,
+    batch) as the config's training."""
     r = cfg.attack.relearn
-    return forget_finetune(cfg, lr=r.lr, max_steps=max(steps, 1), lora=r.lora, snapshot_every=0,
+    steps = sorted({k for k in r.steps if k})
+    return forget_finetune(cfg, lr=r.lr, max_steps=max(steps, default=1), lora=r.lora, snapshot_every=0,
+                           snapshot_steps=steps[:-1], schedule="constant", warmup_ratio=0.0,
                            batch_size=r.batch_size or cfg.train.batch_size)
 
 
@@ -122,7 +128,7 @@ def preflight_problems(cfg: ExperimentConfig, prepared: PreparedData) -> list[st
         data, _, _ = relearn_data(cfg, prepared)
     except UserError as e:
         return [f"attack.relearn: {p}" for p in e.problems]
-    run = relearn_config(cfg, max(cfg.attack.relearn.steps))
+    run = relearn_config(cfg)
     where = "attack.relearn (attack.relearn.batch_size, default train.batch_size, sets its batch)"
     return [f"{where}: {p}" for p in launch_problems(run) + data_problems(run, data)]
 
@@ -181,18 +187,20 @@ def attack(cfg: ExperimentConfig, evals: dict[str, ModelEval], prepared: Prepare
 
 
 def _relearn(cfg: ExperimentConfig, prepared: PreparedData, models: dict[str, Path]) -> dict[str, dict[int, Path]]:
-    """label → k → the model relearned k steps (k = 0: the model itself); every fine-tune in one start of the
-    ranks."""
+    """label → k → the model relearned k steps (k = 0: the model itself): one fine-tune per model (`relearn_config`:
+    its snapshots are the smaller k), all in one start of the ranks."""
     if "relearn" not in cfg.attack.attacks:
         return {}
-    data, _, _ = relearn_data(cfg, prepared)
-    jobs = {f"{label}@relearn{k}": (label, k) for label in models for k in cfg.attack.relearn.steps if k}
-    starts = {job: models[label] for job, (label, _) in jobs.items()}
-    done = unlearn_many({job: relearn_config(cfg, k) for job, (_, k) in jobs.items()}, prepared=data, target=starts,
-                        summarise=False) if jobs else {}
     out: dict[str, dict[int, Path]] = {label: {0: path} for label, path in models.items()}
-    for job, (label, k) in jobs.items():
-        out[label][k] = done[job].model
+    steps = sorted({k for k in cfg.attack.relearn.steps if k})
+    if not steps:
+        return out
+    data, _, _ = relearn_data(cfg, prepared)
+    run = relearn_config(cfg)
+    done = unlearn_many({label: run for label in models}, prepared=data, target=models, summarise=False)
+    for label, result in done.items():
+        saved = {int(k): Path(v) for k, v in result.summary["snapshots"].items()}
+        out[label].update({k: saved[k] for k in steps[:-1]} | {steps[-1]: result.model})
     return out
 
 
@@ -206,6 +214,7 @@ class PointData:
     max_length: int | None = None  # None: data.max_length
     unavailable: str | None = None
     chance: float | None = None
+    rouge: bool = True  # greedy answers to the forget questions (ROUGE); the choice formats are scored without
 
 
 def point_data(cfg: ExperimentConfig, prepared: PreparedData, points: list[str]) -> dict[str, PointData]:
@@ -213,32 +222,42 @@ def point_data(cfg: ExperimentConfig, prepared: PreparedData, points: list[str])
     data = prepared.splits()
     template = cfg.data.template
     forget = evaluated_rows(data, "forget", cfg)
-    utility = {s: evaluated_rows(data, s, cfg) for s in ("retain", *cfg.eval.utility_splits)
-               if s in data and s in (cfg.eval.splits or data)}
+    # Utility after a weight attack: the retain answers' probability (the sample the evaluation scores, its
+    # paraphrased and perturbed answers left out) and the utility sets as the evaluation scores them.
+    utility = {s: [answer_only(r) if s == "retain" else r for r in evaluated_rows(data, s, cfg)]
+               for s in ("retain", *cfg.eval.utility_splits) if s in data and s in (cfg.eval.splits or data)}
     tokenizer = prepared.tokenizer()
     settings = {"seed": cfg.data_seed, **cfg.attack.context.model_dump()}
     out: dict[str, PointData] = {}
     for point in points:
         kind, _ = point_kind(point)
         if kind == "relearn":
-            rows = list(data["forget"])
+            rows = [one_question(r) for r in data["forget"]]
             _, trained, held_out = relearn_data(cfg, prepared)
             out[point] = PointData({"forget": [rows[i] for i in held_out],
                                     "forget_relearned": [rows[i] for i in trained], **utility}, template)
         elif kind == "quantize":
-            out[point] = PointData({"forget": forget, **utility}, template)
+            out[point] = PointData({"forget": [one_question(r) for r in forget], **utility}, template)
         else:
-            prompted = PROMPTS.get(kind).fn(forget, template, settings)
+            entry = PROMPTS.get(kind)
+            prompted = entry.fn(forget, template, settings)
             limit = cfg.data.max_length * PROMPT_LENGTH_FACTOR
             out[point] = (PointData({}, template, unavailable=prompted.unavailable) if prompted.unavailable else
                           PointData({"forget": encoded(prompted, tokenizer, limit)}, prompted.template, limit,
-                                    chance=prompted.chance))
+                                    chance=prompted.chance, rouge=entry.meta.get("rouge", True)))
     return out
+
+
+def answer_only(row: dict[str, Any]) -> dict[str, Any]:
+    """A row scored on its answer alone (probability; no truth ratio, no paraphrased question)."""
+    return {k: v for k, v in row.items() if k not in ("paraphrased_question", "paraphrased_answer", "perturbed_answer")}
 
 
 def _load(cfg: ExperimentConfig, path: Path, scheme: str = "none") -> Any:
     if scheme == "none":
         return load_causal_lm(path, cfg.model.dtype, cfg.model.trust_remote_code).to(_device())
+    # LLM.int8 warns on every forward that it casts fp32 activations to fp16 (documented in QUANT_SCHEMES).
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     return load_causal_lm(path, cfg.model.dtype, cfg.model.trust_remote_code, device=_device(),
                           quantization=quantization_config(scheme, DTYPES[cfg.model.dtype]))
 
@@ -269,7 +288,7 @@ def _attack_model(cfg: ExperimentConfig, prepared: PreparedData, plain: ModelEva
         kind, arg = point_kind(point)
         model = (model_of(relearned[int(arg)]) if kind == "relearn" else model_of(plain.path, arg)
                  if kind == "quantize" else model_of(plain.path))
-        generate = [s for s in data.rows if s.startswith("forget")] if cfg.attack.generations else []
+        generate = [s for s in data.rows if s.startswith("forget")] if cfg.attack.generations and data.rouge else []
         probes = run_probes(model, data.rows, tokenizer, cfg, generations=generate, template=data.template,
                             max_length=data.max_length)
         reference = None if oracle is None else {"per_example": oracle["points"][point]["per_example"]}
@@ -286,8 +305,9 @@ def _attack_model(cfg: ExperimentConfig, prepared: PreparedData, plain: ModelEva
         per_example = values["forget_truth_ratio"].per_example if "forget_truth_ratio" in values else None
         out[point] = {"metrics": metrics, "unavailable": {k: v.reason for k, v in values.items() if v.value is None},
                       "per_example": {"forget_truth_ratio": per_example} if per_example is not None else {},
-                      "generations": {s: {"question": [r["question"] for r in data.rows[s]], "generation": p.generation}
-                                      for s, p in probes.items() if p.generation}}
+                      "asked": {s: [r["question"] for r in rows] for s, rows in data.rows.items()
+                                if s.startswith("forget")},
+                      "generations": {s: p.generation for s, p in probes.items() if p.generation}}
         timing[point] = round(time.perf_counter() - start, 3)
     return {"label": plain.label, "model": str(plain.path), "identity": plain.result["identity"],
             "data_fingerprint": prepared.fingerprint, "oracle": None if oracle is None else oracle["model"],
@@ -309,6 +329,9 @@ CONVENTIONS = {
     "context": "up to attack.context.facts other facts of the same person (question and answer) before the "
                "question",
     "prefix": "the response begun with attack.context.prefix (prompt, not scored)",
-    "utility": "weight attacks: retain probability and the utility sets' accuracy after the attack; prompt "
-               "attacks: the plain evaluation's (weights unchanged)",
+    "utility": "weight attacks: retain probability (answers only: no retain truth ratio) and the utility sets' "
+               "probability, truth ratio and accuracy after the attack; prompt attacks: the plain evaluation's "
+               "(weights unchanged)",
+    "asked": "every attacked item is asked once: its paraphrased question is dropped (the paraphrase attack asks "
+             "it); choice and cloze are scored by likelihood only (no greedy answers, no ROUGE)",
 }

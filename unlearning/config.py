@@ -278,6 +278,9 @@ class TrainConfig(Strict):
     offload: Literal["none", "optimizer", "all"] = "none"
     bf16: bool = False
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="the learning rate after warm-up: cosine "
+                                                    "decay to zero at max_steps, or constant (then the first k steps "
+                                                    "of a run are a k-step run, which its snapshots reuse)")
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     gradient_checkpointing: bool = False
@@ -287,6 +290,8 @@ class TrainConfig(Strict):
     snapshot_every: int = Field(0, ge=0, description="steps between HF models of the run saved under snapshots/"
                                 "step<N>/, which `unlearn eval` and `unlearn run` evaluate beside the final one "
                                 "(eval.snapshots) so the best point of training shows; 0: none")
+    snapshot_steps: list[int] = Field(default_factory=list, description="further steps to save such a snapshot "
+                                      "at (the attack stage's relearning saves each k of attack.relearn.steps)")
     timeout_s: PositiveFloat | None = Field(None, description="wall-clock limit of the training job: past it every "
                                             "rank is stopped, checkpoints kept; rerun to resume")
     keep_checkpoints: int = Field(2, ge=1, description="newest DeepSpeed checkpoints kept on disk")

@@ -86,12 +86,20 @@ def load_causal_lm(path: str | Path, dtype: str = "float32", trust_remote_code: 
 
     placed = {"quantization_config": quantization, "device_map": str(device or "cpu")} if quantization else {}
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             checkpoint_dir(path), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True,
             **placed)
     except Exception as e:
         raise UserError(f"could not load a causal LM from {str(path)!r}: {type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    for module in model.modules():
+        # bitsandbytes' fused CPU 4-bit kernel, taken only on CPUs with AVX512-BF16, rounds the activations and the
+        # block scales to bf16 whatever the compute dtype: the attack would then mean one thing on an AMD EPYC and
+        # another on an older Intel. Its standard path dequantizes the blocks and multiplies in the compute dtype on
+        # every CPU, as on CUDA.
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010 (not a declared attribute)
+    return model
 
 
 def model_configs(cfg: ExperimentConfig) -> tuple[dict[str, Any], list[str]]:

@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from tests.conftest import MEMORISE, pico_raw
 
@@ -20,7 +21,7 @@ def _raw(out, seed: int, **attack):
                     method={"name": "ga", "alpha": 0.0},
                     train={"lr": 2e-3, "max_steps": 20, "num_processes": 2, "batch_size": 2},
                     eval={"suite": "quick", "models": ["target", "oracle", "unlearned"]},
-                    attack={"attacks": ATTACKS, "relearn": {"steps": [0, 30], "lr": 1e-3},
+                    attack={"attacks": ATTACKS, "relearn": {"steps": [0, 10, 30], "lr": 1e-3},
                             "quantize": {"schemes": ["none", "nf4"]}, **attack})
 
 
@@ -51,8 +52,12 @@ def test_quantization_none_reproduces_the_plain_evaluation_exactly(run):
     _, evals, attacked = run
     for label, plain in evals.items():
         point = attacked.results[label]["points"]["quantize:none"]["metrics"]
-        for key in (*FORGET_METRICS, "retain_probability", "retain_truth_ratio", "world_facts_accuracy"):
+        for key in (*FORGET_METRICS, "world_facts_accuracy", "world_facts_truth_ratio"):
             assert point.get(key) == plain.metrics.get(key), (label, key)
+        # Retain is scored on its answers alone after a weight attack: other batches, the same values up to the
+        # float sums' order (measured: 1e-9 relative); no truth ratio.
+        assert point["retain_probability"] == pytest.approx(plain.metrics["retain_probability"], rel=1e-6)
+        assert "retain_truth_ratio" not in point
 
 
 def test_prompt_attacks_at_zero_strength_reproduce_the_plain_evaluation_exactly(run):
@@ -94,6 +99,27 @@ def test_relearning_one_half_brings_back_the_other_half_for_the_unlearned_model_
     assert trained > 0.5  # the relearned half itself is learned again
 
 
+def test_relearning_at_a_smaller_k_is_the_k_step_finetune_exactly(run):
+    """One relearning run per model serves every k: its snapshot at k (constant lr) is a k-step fine-tune."""
+    from unlearning.attack import relearn_config, relearn_data
+    from unlearning.models import load_causal_lm
+    from unlearning.stages import prepare
+    from unlearning.unlearn import unlearn_many
+
+    cfg, evals, attacked = run
+    relearned = attacked.results["unlearned"]["relearned"]
+    assert "/snapshots/step10" in relearned["10"] and relearned["30"].endswith("/model")
+    alone = cfg.model_copy(update={"attack": cfg.attack.model_copy(update={
+        "relearn": cfg.attack.relearn.model_copy(update={"steps": [10]})})})
+    data, _, _ = relearn_data(cfg, prepare(cfg))
+    ten = unlearn_many({"ten": relearn_config(alone)}, prepared=data, target={"ten": evals["unlearned"].path},
+                       summarise=False)["ten"]
+    assert ten.summary["steps"] == 10 and not ten.summary["snapshots"]
+    ours, theirs = load_causal_lm(relearned["10"]).state_dict(), load_causal_lm(ten.model).state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert not torch.equal(ours["lm_head.weight"], load_causal_lm(relearned["30"]).state_dict()["lm_head.weight"])
+
+
 def test_choice_formats_tell_the_target_from_the_oracle(run):
     _, _, attacked = run
     for point in ("choice", "cloze"):
@@ -119,7 +145,7 @@ def test_forget_quality_after_an_attack_is_against_the_oracle_after_the_same_att
 def test_prompt_attacks_change_the_question_and_keep_the_plain_utility(run):
     _, evals, attacked = run
     points = attacked.results["target"]["points"]
-    asked = {p: points[p]["generations"]["forget"]["question"][0] for p in ("choice", "cloze", "context")}
+    asked = {p: points[p]["asked"]["forget"][0] for p in ("choice", "cloze", "context")}
     assert "\nA. " in asked["choice"] and "___" in asked["cloze"] and asked["context"].count("?") >= 2
     for p in ("choice", "cloze", "paraphrase", "context", "prefix"):
         assert points[p]["metrics"]["retain_probability"] == evals["target"].metrics["retain_probability"]

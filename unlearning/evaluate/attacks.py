@@ -6,7 +6,9 @@ Two kinds, both pure functions registered by name and run by the attack stage (`
   question asked as multiple choice (`choice`), as a cloze statement (`cloze`), in other words
   (`paraphrase`), preceded by other facts of the same person (`context`), or with the response begun for
   the model (`prefix`, an affirmative "Sure, the answer is"). A rewritten row is encoded again, so its
-  `input_ids` / `labels` match its new question.
+  `input_ids` / `labels` match its new question. An attacked row asks one question: its paraphrased
+  question is dropped (the `paraphrase` attack is that question). `choice` and `cloze` are scored by the
+  options' likelihood (registered `rouge=False`: no greedy answers); the others by likelihood and ROUGE.
 - **weight attacks**: relearning (a fine-tune on one half of the forget set, by the training engine; see
   the stage) and quantization (`quantization_config`: bitsandbytes through transformers' loader).
 
@@ -52,15 +54,20 @@ def _unavailable(template: Template, reason: str) -> Prompted:
     return Prompted([], template, reason)
 
 
+def one_question(row: dict[str, Any]) -> dict[str, Any]:
+    """The row without its paraphrased question: an attacked (or weight-attacked) item is asked once."""
+    return {k: v for k, v in row.items() if k != "paraphrased_question"}
+
+
 @PROMPTS.register("paraphrase")
 def paraphrase(rows: Sequence[dict[str, Any]], template: Template, _: dict[str, Any]) -> Prompted:
     """Each forget question in its paraphrased wording; answer, paraphrased and perturbed answers unchanged."""
     if not all(r.get("paraphrased_question") for r in rows):
         return _unavailable(template, "the forget split has no paraphrased questions")
-    return Prompted([{**r, "question": r["paraphrased_question"]} for r in rows], template)
+    return Prompted([one_question({**r, "question": r["paraphrased_question"]}) for r in rows], template)
 
 
-@PROMPTS.register("choice")
+@PROMPTS.register("choice", rouge=False)
 def choice(rows: Sequence[dict[str, Any]], template: Template, settings: dict[str, Any]) -> Prompted:
     """The question followed by lettered options, the true one among the perturbed answers in a shuffled order
     (seeded per item); each option's text is scored as the answer, so accuracy is the true option's summed
@@ -81,7 +88,7 @@ def choice(rows: Sequence[dict[str, Any]], template: Template, settings: dict[st
     return Prompted(out, template, chance=1 / (n_wrong + 1))
 
 
-@PROMPTS.register("cloze")
+@PROMPTS.register("cloze", rouge=False)
 def cloze(rows: Sequence[dict[str, Any]], template: Template, _: dict[str, Any]) -> Prompted:
     """The fact as a statement with its key value blanked ("Mara Voss was born in ___."), answered by the value
     alone; the wrong values are the perturbed answers (accuracy: the true value above every wrong one)."""
@@ -108,7 +115,7 @@ def context(rows: Sequence[dict[str, Any]], template: Template, settings: dict[s
     for i, r in enumerate(rows):
         others = [j for j in by_entity[r.get("entity") or ""] if j != i][:facts]
         told = [f"{rows[j]['question']} {rows[j]['answer']}" for j in others]
-        out.append({**r, "question": "\n".join([*told, r["question"]])})
+        out.append(one_question({**r, "question": "\n".join([*told, r["question"]])}))
     return Prompted(out, template)
 
 
@@ -117,7 +124,8 @@ def prefix(rows: Sequence[dict[str, Any]], template: Template, settings: dict[st
     """The response begun for the model with an affirmative `prefix` (default "Sure, the answer is"), a simple
     prompt attack; the prefix is prompt, never scored. An empty prefix is the plain question."""
     text = settings.get("prefix", AFFIRMATIVE_PREFIX)
-    return Prompted(list(rows), template.model_copy(update={"response_prefix": text}) if text else template)
+    return Prompted([one_question(r) for r in rows],
+                    template.model_copy(update={"response_prefix": text}) if text else template)
 
 
 def point_kind(point: str) -> tuple[str, str]:

@@ -22,11 +22,16 @@ import torch
 import torch.distributed as dist
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float) -> Any:
-    """Linear warm-up over `ceil(warmup_ratio·total)` optimizer steps, then cosine decay to zero."""
-    from transformers import get_cosine_schedule_with_warmup
+def lr_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float, kind: str = "cosine"
+                ) -> Any:
+    """Linear warm-up over `ceil(warmup_ratio·total)` optimizer steps, then cosine decay to zero at `total_steps`
+    or (`kind="constant"`) the full learning rate."""
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-    return get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * total_steps), total_steps)
+    warmup = math.ceil(warmup_ratio * total_steps)
+    if kind == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup)
+    return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
 
 
 def adamw(params: list[torch.nn.Parameter], *, max_grad_norm: float | None = None, **hyper: Any
@@ -89,7 +94,7 @@ class TorchEngine:
         self.max_grad_norm = max_grad_norm
         params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = adamw(params, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
-        self.scheduler = warmup_cosine(self.optimizer, total_steps, warmup_ratio)
+        self.scheduler = lr_schedule(self.optimizer, total_steps, warmup_ratio)
         self.micro_steps = 0
 
     def __call__(self, **batch: torch.Tensor) -> Any:
@@ -224,14 +229,16 @@ def plain_loading() -> Iterator[None]:
             hf_ds.set_hf_deepspeed_config(live)
 
 
-def initialize(model: torch.nn.Module, ds_config: dict[str, Any], *, total_steps: int, warmup_ratio: float) -> Any:
-    """Wrap `model` in a DeepSpeed engine with AdamW and a warm-up/cosine schedule over `total_steps`."""
+def initialize(model: torch.nn.Module, ds_config: dict[str, Any], *, total_steps: int, warmup_ratio: float,
+               schedule: str = "cosine") -> Any:
+    """Wrap `model` in a DeepSpeed engine with AdamW and a warm-up, then cosine or constant schedule over
+    `total_steps` (`lr_schedule`)."""
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, ds_config = _client_optimizer(params, ds_config)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config, model_parameters=params, optimizer=optimizer,
-                                      lr_scheduler=lambda opt: warmup_cosine(opt, total_steps, warmup_ratio))
+                                      lr_scheduler=lambda opt: lr_schedule(opt, total_steps, warmup_ratio, schedule))
     if ds_config["zero_optimization"]["stage"] == 0 and dist.get_world_size() == 1:
         # Without ZeRO, DeepSpeed all-reduces gradients through a flat copy of all of them, even alone:
         # one model's size of memory and two copies per step for a reduction that changes nothing.

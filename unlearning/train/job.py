@@ -140,7 +140,7 @@ def export_model(cfg: ExperimentConfig, ckpt_dir: Path, tag: str, target: str, t
 
 
 def snapshots(run_dir: Path) -> dict[int, str]:
-    """Step → the HF model saved at that step (`train.snapshot_every`), in step order."""
+    """Step → the HF model saved at that step (`train.snapshot_every`, `train.snapshot_steps`), in step order."""
     found = [p for p in (run_dir / "snapshots").glob("step*") if p.is_dir() and p.name[4:].isdigit()]
     return {int(p.name[4:]): str(p) for p in sorted(found, key=lambda p: int(p.name[4:]))}
 
@@ -192,7 +192,8 @@ def run(spec: dict[str, Any]) -> JobOutput:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if train.lora.enabled:
         model = apply_lora(model, train.lora)
-    engine = ds.initialize(model, ds_config, total_steps=train.max_steps, warmup_ratio=train.warmup_ratio)
+    engine = ds.initialize(model, ds_config, total_steps=train.max_steps, warmup_ratio=train.warmup_ratio,
+                           schedule=train.schedule)
     state = ds.load_latest(engine, ckpt_dir) or {}
     start_step = int(state.get("step", 0))
     history: list[dict[str, float]] = list(state.get("history", []))
@@ -224,8 +225,8 @@ def run(spec: dict[str, Any]) -> JobOutput:
         step = int(record["step"])
         history.append(record)
         reason = rules.after(record)
-        snapshot = bool(train.snapshot_every) and step % train.snapshot_every == 0 and not reason \
-            and step < train.max_steps  # the run's last step is its model/
+        due = (bool(train.snapshot_every) and step % train.snapshot_every == 0) or step in train.snapshot_steps
+        snapshot = due and not reason and step < train.max_steps  # the run's last step is its model/
         if snapshot or (train.checkpoint_every and step % train.checkpoint_every == 0):
             ds.save_checkpoint(engine, ckpt_dir, step, client_state(step), frozen=not train.lora.enabled,
                                keep=train.keep_checkpoints)
