@@ -1,17 +1,57 @@
-"""The real pretrained model through the whole pipeline, as a user runs it: SmolLM2-135M-Instruct from its GGUF
-file, invented authors fine-tuned into it, NPO on 2 DeepSpeed ranks, TOFU's real-authors and world-facts sets,
-via `unlearn run` (Prefect flow, MLflow store). A smaller recipe than configs/smollm2.yaml: about 7 minutes on 2
-CPU cores."""
+"""The real pretrained model, SmolLM2-135M-Instruct from its GGUF file.
+
+- In the default suite (about a minute and a half on 2 CPU cores): the model itself is the target, NPO runs 4
+  steps on 2 DeepSpeed ranks (`unlearn unlearn`, the training engine every run uses), and the saved weights
+  load, score the forget answers lower and still answer a real question.
+- Marked slow (`make test-all`; about 9 minutes): the whole pipeline as a user runs it, `unlearn run` (Prefect
+  flow, MLflow store): invented authors fine-tuned into it, NPO, TOFU's real-authors and world-facts sets; a
+  smaller recipe than configs/smollm2.yaml."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
 
+def _answers_paris(path) -> bool:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
+    return "Paris" in tok.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_smollm2_unlearns_on_two_ranks_and_still_answers(smollm2, tmp_path):
+    raw = {
+        "name": "smollm2-ranks", "seed": 0, "output_dir": str(tmp_path / "run"),
+        "data": {"source": "synthetic", "forget_fraction": 0.25, "holdout_fraction": 0.25, "max_length": 64,
+                 "synthetic": {"num_entities": 8, "facts_per_entity": 2, "num_utility": 0}},
+        # The pretrained model is the target (no fine-tune): what it assigns to invented answers is unlearned.
+        "model": {"base": str(smollm2), "target": str(smollm2), "oracle": str(smollm2)},
+        "method": {"name": "npo", "alpha": 1.0},
+        "train": {"lr": 5e-5, "max_steps": 4, "batch_size": 2, "num_processes": 2, "zero_stage": 2},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    exe = Path(sys.executable).parent / "unlearn"
+    res = subprocess.run([str(exe), "unlearn", str(tmp_path / "cfg.yaml")], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = next((tmp_path / "run" / "unlearn").iterdir())
+    summary = json.loads((run / "run_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    p = summary["probability"]
+    assert p["unlearned"]["forget"] < p["target"]["forget"]  # NPO lowered the forget answers
+    assert _answers_paris(run / "model")
+
+
+@pytest.mark.slow
 def test_smollm2_learns_then_unlearns_invented_authors_and_keeps_real_knowledge(smollm2, tmp_path):
     raw = {
         "name": "smollm2-e2e", "seed": 0, "output_dir": str(tmp_path / "run"),
@@ -45,12 +85,4 @@ def test_smollm2_learns_then_unlearns_invented_authors_and_keeps_real_knowledge(
     for split in ("real_authors", "real_world"):
         assert m["npo"][f"{split}_accuracy"] >= m["base"][f"{split}_accuracy"] - 0.1, (split, m["npo"], m["base"])
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = report["models"][str(raw["seed"])]["npo"]
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).eval()
-    tok = AutoTokenizer.from_pretrained(path)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
-    assert "Paris" in tok.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert _answers_paris(report["models"][str(raw["seed"])]["npo"])
