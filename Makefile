@@ -58,6 +58,7 @@ bench: env
 	$(BIN)/python bench/bench_eval.py
 	$(BIN)/python bench/bench_merge.py
 	$(BIN)/python bench/bench_pipeline.py
+	$(BIN)/python bench/bench_attack.py --all
 
 bench-real: env models
 	$(BIN)/python bench/bench_unlearn.py --model smollm2
