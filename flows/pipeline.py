@@ -61,7 +61,8 @@ from unlearning.evaluate.robustness import (
 from unlearning.evaluate.runner import eval_key, given_checkpoints
 from unlearning.merge.stage import finetune_config, training_jobs
 from unlearning.models import model_identity
-from unlearning.tracking import NullTracker, flatten, tracker_for, ui_command
+from unlearning.outputs import output_problems, write_atomic
+from unlearning.tracking import NullTracker, flatten, tracker_for, tracking_problems, ui_command
 from unlearning.unlearn import run_key
 
 # --- the tasks: one stage call each --------------------------------------------------------------------------
@@ -347,7 +348,7 @@ def write_report(out: Path, title: str, by_seed: SeedEvals, tracker: NullTracker
               "eval": per_seed(lambda r: str(r.eval_dir / "eval.json")), "models": per_seed(lambda r: str(r.path)),
               "stages": states, "mlflow_run": link, "mlflow_ui": command if link else None,
               "robustness": robust or None}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    write_atomic(out / "report.json", json.dumps(report, indent=2))
     for name in ("report.md", "report.json"):
         tracker.log_artifact(out / name)
     tracker.log_artifact(plot)
@@ -415,11 +416,12 @@ def pipeline(config: dict[str, Any] | str, overrides: list[str] | None = None) -
     """Run every stage of `config` (an experiment mapping or YAML path, plus KEY=VALUE `overrides`) and
     return the report."""
     cfg = validate_config(resolve(config, overrides))
+    raise_if(output_problems(cfg.out) + tracking_problems(cfg.tracking.uri))  # before any MLflow run or stage
     tracker = tracker_for(cfg.tracking.uri, cfg.tracking.experiment or cfg.name)
     with tracker.run(cfg.name, tags=run_tags()):
         tracker.log_params(flatten(cfg.to_dict()))
         (cfg.out).mkdir(parents=True, exist_ok=True)
-        (cfg.out / "config.resolved.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        write_atomic(cfg.out / "config.resolved.json", json.dumps(cfg.to_dict(), indent=2))
         tracker.log_artifact(cfg.out / "config.resolved.json")
         by_seed, states, attacked = run_seeds(cfg, tracker)
         report = write_report(cfg.out / "report", cfg.name, by_seed, tracker, states,

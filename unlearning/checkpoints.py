@@ -88,6 +88,17 @@ def convert_gguf(path: Path, cache: Path | None = None) -> Path:
     return out
 
 
+def offline_hint(spec: str | Path) -> str | None:
+    """The fix when `spec` names a hub model (no local path) and the hub is switched off (HF_HUB_OFFLINE), else
+    None."""
+    text = str(spec)
+    hub_id = not text.startswith(("/", ".", "~")) and text.count("/") <= 1  # "gpt2", "org/name"
+    if not hub_id or Path(spec).exists() or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("0", "", "false", "no"):
+        return None
+    return (f"{str(spec)!r} is not a local path and the hub is offline (HF_HUB_OFFLINE is set): download the model "
+            "where the hub is reachable and point at its directory, or unset HF_HUB_OFFLINE")
+
+
 def checkpoint_dir(spec: str | Path) -> str:
     """What `from_pretrained` should read for a model source: GGUF files become their converted checkpoint."""
     found = gguf_file(spec)

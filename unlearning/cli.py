@@ -30,8 +30,16 @@ def _quiet_libraries() -> None:
 def _load(args: argparse.Namespace) -> Any:
     """The command's validated config (every problem reported before anything runs); libraries quietened."""
     from unlearning.config import load_config
+    from unlearning.outputs import output_problems
 
     cfg = load_config(args.config, args.overrides)
+    problems = output_problems(cfg.out)
+    if args.command in ("run", "sweep", "sequence"):  # the commands that track to MLflow
+        from unlearning.tracking import tracking_problems
+
+        problems += tracking_problems(cfg.tracking.uri)
+    if problems:
+        raise UserError(problems)
     _quiet_libraries()
     return cfg
 
@@ -244,18 +252,18 @@ def _print_report(report: dict[str, Any], uri: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    cfg = _load(args)  # every config, output and tracking problem before Prefect is even imported
     _quiet_prefect()  # before Prefect is imported: it reads its settings then
     from flows.pipeline import pipeline
 
-    cfg = _load(args)
     _print_report(pipeline(cfg.to_dict()), cfg.tracking.uri)
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
+    cfg = _load(args)
     _quiet_prefect()  # before Prefect is imported: it reads its settings then
     from flows.pipeline import grid_points, parse_grid, sweep
 
-    cfg = _load(args)
     grid = parse_grid([item for group in args.grid or [] for item in group])
     if not grid:
         raise UserError("unlearn sweep needs --grid KEY=V1,V2 ... (e.g. --grid train.lr=1e-4,5e-4 seed=0,1)")
@@ -264,13 +272,13 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def cmd_sequence(args: argparse.Namespace) -> None:
+    cfg = _load(args)
     _quiet_prefect()  # before Prefect is imported: it reads its settings then
     from rich.markdown import Markdown
 
     from flows.sequence import sequence_flow
     from unlearning.tracking import ui_command
 
-    cfg = _load(args)
     result = sequence_flow(cfg.to_dict())
     console = _wide_console(150)  # one column per request: never cut a number
     console.print(Markdown(result["table"]))
@@ -282,10 +290,26 @@ def cmd_sequence(args: argparse.Namespace) -> None:
 
 
 def _quiet_prefect() -> None:
-    """Prefect's own INFO lines per task run drown the stage output; warnings and errors still show."""
+    """Prefect's own INFO lines per task run drown the stage output; warnings and errors still show, except the
+    task and flow failures that are our `UserError`s: `main` prints those once as `error:` lines, and Prefect's
+    copy of each (an ERROR line and a traceback per task, flow and engine) would bury them."""
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    import logging
+
+    import prefect.logging.configuration  # noqa: F401 (Prefect's handlers exist once it is imported)
+
+    for name in ("prefect", "prefect.task_runs", "prefect.flow_runs", "prefect.engine"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(_not_a_user_error)
+
+
+def _not_a_user_error(record: Any) -> bool:
+    """A logging filter: False for Prefect's records of a failure caused by a `UserError`."""
+    exc = record.exc_info[1] if record.exc_info else None
+    message = record.getMessage()
+    return not isinstance(exc, UserError) and "UserError" not in message and "TrainingFailed" not in message
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
@@ -325,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
         for problem in e.problems:
             print(f"error: {problem}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished stages and complete checkpoints are kept; rerun the same command to go on",
+              file=sys.stderr)
+        return 130
     return 0
 
 

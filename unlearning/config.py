@@ -30,7 +30,7 @@ FILE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class SyntheticData(Strict):
@@ -221,7 +221,7 @@ class MethodConfig(BaseModel):
     empty they take the method's registered defaults, which the resolved config then shows.
     """
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     name: str = "graddiff"
     gamma: float | None = Field(None, ge=0)
@@ -250,7 +250,11 @@ class StopConfig(Strict):
 
     forget_loss_bound: float | None = Field(None, gt=0, description="stop once the forget NLL reaches this")
     utility_floor: float | None = Field(None, gt=0, le=1, description="stop once retain probability is below")
-    utility_every: int = Field(5, ge=1, description="steps between utility-floor checks")
+    collapse: float | None = Field(0.01, gt=0, lt=1, description="fail the run (an error, not a stop: the model is "
+                                   "destroyed) once the retain sample's probability falls below this fraction of "
+                                   "the starting model's (e.g. after too high an lr), checked every utility_every "
+                                   "steps; null: never")
+    utility_every: int = Field(5, ge=1, description="steps between utility-floor and collapse checks")
     utility_sample: int = Field(32, ge=1, description="retain examples the utility-floor check scores")
     holdout_match: Literal["auc", "probability", "truth_ratio"] | None = Field(
         None, description="stop once forget and holdout answers are indistinguishable on a fixed sample of each: "
@@ -389,7 +393,8 @@ class EvalConfig(Strict):
 class TrackingConfig(Strict):
     uri: str = Field(default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db",
                      description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db. "
-                     "Credentials go in MLFLOW_TRACKING_USERNAME/PASSWORD (or TOKEN), never in the URI")
+                     "Credentials go in MLFLOW_TRACKING_USERNAME/PASSWORD (or TOKEN), never in the URI; none: no "
+                     "tracking")
     experiment: str | None = Field(None, description="MLflow experiment; default: the config's name")
     registered_model: str | None = Field(None, description="Model Registry name for the pipeline's target, oracle "
                                          "and best unlearned model (aliases); default: the config's name")
@@ -401,6 +406,9 @@ class TrackingConfig(Strict):
     def _no_credentials(cls, v: str) -> str:
         from urllib.parse import urlsplit
 
+        if not v.strip():
+            raise ValueError("is empty; give an MLflow URI (sqlite:///mlflow.db, http://host:5000), or none to run "
+                             "without tracking")
         if urlsplit(v).password is not None:
             raise ValueError("holds a password; remove it from the URI and set MLFLOW_TRACKING_USERNAME and "
                              "MLFLOW_TRACKING_PASSWORD in the environment (configs and run params are logged)")
@@ -743,7 +751,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     if isinstance(raw, dict):
         raw.setdefault("name", path.stem)
         check_method_overrides(raw, overrides or [], str(path))
-    return validate_config(apply_overrides(raw, overrides or []))
+    raw = apply_overrides(raw, overrides or [])
+    if isinstance(raw, dict) and raw.get("methods") == []:  # written out, not left to its default
+        raise UserError(f"{path}: methods is an empty list, which would run the default method; list the methods to "
+                        "run (methods=[{name: npo}]) or remove the key and configure `method`")
+    return validate_config(raw)
 
 
 def check_method_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> None:

@@ -21,12 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from unlearning.checkpoints import checkpoint_dir
+from unlearning.checkpoints import checkpoint_dir, offline_hint
 from unlearning.config import GENERATED_SPLITS, ExperimentConfig, content_hash
 from unlearning.data.prepare import PreparedData, prepare
 from unlearning.data.tokenize import collate
 from unlearning.errors import UserError, raise_if
 from unlearning.evaluate.probes import answer_logprobs, normalised_probability
+from unlearning.outputs import building, publish, write_atomic
 from unlearning.train.engine import TorchEngine
 from unlearning.train.loop import nll_objective, run_loop
 
@@ -86,12 +87,16 @@ def load_causal_lm(path: str | Path, dtype: str = "float32", trust_remote_code: 
 
     placed = {"quantization_config": quantization, "device_map": str(device or "cpu")} if quantization else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
             checkpoint_dir(path), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True,
-            **placed)
+            output_loading_info=True, **placed)
+        model, info = loaded
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f"could not load a causal LM from {str(path)!r}: {type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    raise_if(loading_problems(path, type(model).__name__, info))
     for module in model.modules():
         # bitsandbytes' fused CPU 4-bit kernel, taken only on CPUs with AVX512-BF16, rounds the activations and the
         # block scales to bf16 whatever the compute dtype: the attack would then mean one thing on an AMD EPYC and
@@ -100,6 +105,19 @@ def load_causal_lm(path: str | Path, dtype: str = "float32", trust_remote_code: 
         if getattr(module, "support_avx512bf16_for_cpu", False):
             setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010 (not a declared attribute)
     return model
+
+
+def loading_problems(path: str | Path, architecture: str, info: dict[str, Any]) -> list[str]:
+    """Weights that do not fit the checkpoint's config.json: transformers would fill the missing ones at random
+    and drop the unexpected ones, and the run would go on with a model that is not the checkpoint."""
+    missing, unexpected = list(info.get("missing_keys") or []), list(info.get("unexpected_keys") or [])
+    mismatched = [k for k, *_ in info.get("mismatched_keys") or []]
+    if not (missing or unexpected or mismatched):
+        return []
+    shown = "; ".join(f"{what}: {len(keys)} (e.g. {', '.join(sorted(keys)[:3])})" for what, keys in
+                      (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)) if keys)
+    return [f"{path}: its weights do not fit its config.json ({architecture}): {shown}. The config.json is of "
+            "another architecture or size than the weights; put the checkpoint's own config.json beside them"]
 
 
 def model_configs(cfg: ExperimentConfig) -> tuple[dict[str, Any], list[str]]:
@@ -117,10 +135,45 @@ def model_configs(cfg: ExperimentConfig) -> tuple[dict[str, Any], list[str]]:
                                                             trust_remote_code=cfg.model.trust_remote_code))
         except UserError as e:
             problems.append(f"{key}: {e}")
+            continue
         except Exception as e:
-            problems.append(f"{key}: no model config at {src!r} ({type(e).__name__}); give an HF checkpoint "
-                            "directory (with config.json) or a valid model name")
+            problems.append(f"{key}: " + (offline_hint(src) or (
+                f"no model config at {src!r} ({type(e).__name__}); give an HF checkpoint directory (with "
+                "config.json) or a valid model name")))
+            continue
+        problems += [f"{key}: {p}" for p in weight_problems(Path(checkpoint_dir(src)))]
     return configs, problems
+
+
+def weight_problems(path: Path) -> list[str]:
+    """A local checkpoint's safetensors weights are there and whole (a copy cut short is found now, not after
+    the other models were built); `.bin` weights are refused with the way to convert them."""
+    if not path.is_dir():
+        return []  # a hub name: transformers fetches and checks it
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        bins = sorted(p.name for p in path.glob("*.bin"))
+        return [f"{path} has no .safetensors weights" + (
+            f", only {', '.join(bins)}: pickled weights are refused (loading one can run code). Convert once: "
+            f"python -c \"from transformers import AutoModelForCausalLM as M; M.from_pretrained('{path}')"
+            f".save_pretrained('{path}', safe_serialization=True)\"" if bins else "")]
+    return [p for f in files if (p := safetensors_problem(f))]
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file is not whole (its header's tensors end past the file's end), or None."""
+    try:
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        return f"{path} is not a readable safetensors file ({type(e).__name__}); copy it again"
+    actual = path.stat().st_size
+    if actual < 8 + size + end:
+        return (f"{path} is cut short: {actual} bytes, its header says {8 + size + end}; the copy or download was "
+                "interrupted: copy it again")
+    return None
 
 
 def vocab_problems(configs: dict[str, Any], tokenizer: Any) -> list[str]:
@@ -166,7 +219,7 @@ def finetune(cfg: ExperimentConfig, prepared: PreparedData, role: str, out: Path
     model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
     (tmp / "build.json").write_text(json.dumps(info, indent=2))  # written last: marks a complete model
-    os.replace(tmp, out)
+    publish(tmp, out)
     return info
 
 
@@ -213,11 +266,11 @@ def build_models(cfg: ExperimentConfig) -> BuiltModels:
                            cfg.model.finetune.model_dump(), cfg.model.dtype, cfg.seed, training_splits(cfg, role))
         out = cfg.out / "models" / f"{role}-{key}"
         paths[role] = out
-        if (out / "build.json").is_file():
-            built[role] = {**json.loads((out / "build.json").read_text()), "cached": True}
-            continue
-        out.parent.mkdir(parents=True, exist_ok=True)
-        built[role] = {**finetune(cfg, prepared, role, out), "cached": False}
+        if not (out / "build.json").is_file():
+            with building(out):  # the same model wanted by a concurrent run: built once, the other waits
+                if not (out / "build.json").is_file():
+                    built[role] = {**finetune(cfg, prepared, role, out), "cached": False}
+        built.setdefault(role, {**json.loads((out / "build.json").read_text()), "cached": True})
 
     start = time.perf_counter()
     probs = _cached_probabilities(cfg, paths, prepared) or {
@@ -226,5 +279,5 @@ def build_models(cfg: ExperimentConfig) -> BuiltModels:
                "identity": {role: model_identity(p) for role, p in paths.items()}, "builds": built,
                "probability": probs, "probe_s": round(time.perf_counter() - start, 2)}
     (cfg.out / "models").mkdir(parents=True, exist_ok=True)
-    (cfg.out / "models" / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(cfg.out / "models" / "summary.json", json.dumps(summary, indent=2))
     return BuiltModels(paths["target"], paths["oracle"], summary)

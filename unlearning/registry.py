@@ -39,7 +39,7 @@ class Entry:
         for key, p in self.params.items():
             default = ... if p.default is inspect.Parameter.empty else p.default
             fields[key] = (hints.get(key, Any), default)
-        config = pydantic.ConfigDict(extra="forbid", strict=False)
+        config = pydantic.ConfigDict(extra="forbid", strict=False, allow_inf_nan=False)
         return pydantic.create_model(f"{self.name}_params", __config__=config, **fields)
 
 

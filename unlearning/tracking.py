@@ -8,10 +8,14 @@ artifacts, tags and registered models with aliases. No other module imports mlfl
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from unlearning.train.lifetime import alive
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 BATCH = 1000  # MLflow's limit on metrics per log_batch call
@@ -68,6 +72,9 @@ def ui_command(uri: str) -> str | None:
     return None if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri}"
 
 
+OWNER_PID, OWNER_HOST = "unlearning.pid", "unlearning.host"  # which process owns a run (to end it if it died)
+
+
 class MlflowTracker(NullTracker):
     """Tracks to an MLflow server or store (`tracking.uri`; SQLite locally), experiment `experiment`."""
 
@@ -92,9 +99,11 @@ class MlflowTracker(NullTracker):
         """A run (nested under the current one when `nested`), ended FINISHED, or FAILED on an exception."""
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-        all_tags = {MLFLOW_RUN_NAME: name, **(tags or {})}
+        all_tags = {MLFLOW_RUN_NAME: name, **(tags or {}), **self._owner}
         if nested and self._stack:
             all_tags[MLFLOW_PARENT_RUN_ID] = self._stack[-1]
+        else:
+            self.end_orphans()
         run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name)
         self._stack.append(run.info.run_id)
         status = "FAILED"
@@ -104,6 +113,24 @@ class MlflowTracker(NullTracker):
         finally:
             self.client.set_terminated(run.info.run_id, status=status)
             self._stack.pop()
+
+    @property
+    def _owner(self) -> dict[str, str]:
+        return {OWNER_PID: str(os.getpid()), OWNER_HOST: socket.gethostname()}
+
+    def end_orphans(self) -> list[str]:
+        """Mark KILLED the runs still RUNNING whose process on this host is gone (an `unlearn` killed by SIGKILL or
+        the OOM killer cannot end its own runs); their ids."""
+        host = socket.gethostname()
+        found = self.client.search_runs([self.experiment_id], max_results=1000, filter_string=(
+            f"attributes.status = 'RUNNING' and tags.`{OWNER_HOST}` = '{host}'"))
+        ended = []
+        for run in found:
+            pid = int(run.data.tags.get(OWNER_PID, "0") or 0)
+            if pid and pid != os.getpid() and not alive(pid):
+                self.client.set_terminated(run.info.run_id, status="KILLED")
+                ended.append(run.info.run_id)
+        return ended
 
     def _current(self) -> str:
         if not self._stack:
@@ -180,6 +207,48 @@ class MlflowTracker(NullTracker):
         return f"{ui_url(self.uri)}/#/experiments/{self.experiment_id}/runs/{self._current()}"
 
 
+def tracking_problems(uri: str, timeout_s: float = 5.0) -> list[str]:
+    """Why MLflow could not track to `uri`, found in seconds before any stage runs: a file store (MLflow 3 keeps
+    it read-only), a SQLite database whose directory cannot be made, a server that does not answer."""
+    from urllib.parse import urlsplit
+
+    if uri.lower() == "none":
+        return []
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    fix = "use tracking.uri=sqlite:///<path>/mlflow.db locally or an http(s):// MLflow server"
+    if scheme in ("", "file") or len(scheme) == 1:  # a bare path (C:\ on Windows) is a file store too
+        return [f"tracking.uri {uri!r} is a file store, which MLflow 3 no longer writes to (maintenance mode); {fix}"]
+    if scheme == "sqlite":
+        path = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+        if path is None or not str(path):
+            return [f"tracking.uri {uri!r}: a SQLite URI is sqlite:///<relative path> or sqlite:////<absolute path>"]
+        probe = path.parent if str(path.parent) else Path(".")
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        if not probe.is_dir():
+            return [f"tracking.uri {uri!r}: the database would be under {probe}, which is a file, not a directory; "
+                    "point it at a directory"]
+        if not os.access(probe, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            return [f"tracking.uri {uri!r}: {path if path.exists() else probe} is not writable by this user; "
+                    "point the database elsewhere"]
+        return []
+    if scheme in ("http", "https"):
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+        except urllib.error.HTTPError:
+            return []  # it answered: a server is there (the health route may be absent or need credentials)
+        except (OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            return [f"tracking.uri {uri!r}: no MLflow server answers there ({reason}); start it (mlflow server "
+                    f"--host {parts.hostname} --port {parts.port or 80} --backend-store-uri sqlite:///mlflow.db) or "
+                    "set tracking.uri=sqlite:///mlflow.db; nothing was run"]
+    return []
+
+
 def tracker_for(uri: str | None, experiment: str, *, rank: int = 0) -> NullTracker:
     """The MLflow tracker on rank 0 with a URI; the null tracker elsewhere."""
-    return MlflowTracker(uri, experiment) if uri and rank == 0 else NullTracker()
+    return MlflowTracker(uri, experiment) if uri and uri.lower() != "none" and rank == 0 else NullTracker()

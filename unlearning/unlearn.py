@@ -26,7 +26,10 @@ from unlearning.config import ExperimentConfig, MethodConfig, StopConfig, conten
 from unlearning.data.prepare import PreparedData, prepare
 from unlearning.errors import UserError, raise_if
 from unlearning.models import build_models, model_identity, probabilities, tiny_llama
+from unlearning.outputs import write_atomic
+from unlearning.train.complete import latest_complete
 from unlearning.train.launch import free_port, launch_argv, on_gpu, read_hostfile
+from unlearning.train.lifetime import orphan_proof, parent_env, run_dir_locks
 from unlearning.train.objective import needs
 
 UNLEARN_VERSION = 1
@@ -122,11 +125,11 @@ RUN_SETTINGS = {"checkpoint_every", "keep_checkpoints", "hostfile", "timeout_s",
 def forget_finetune(cfg: ExperimentConfig, *, lr: float, max_steps: int, lora: bool, **train: Any
                     ) -> ExperimentConfig:
     """`cfg` as a fine-tune on its forget set: method `finetune` (descent on the forget NLL, no retain term),
-    `lr`, `max_steps`, no stop rules, LoRA on or off (train.lora's r/alpha/modules), any further `train`
-    settings; the launch (ranks, ZeRO, batch) as the config's. The merge's task vector and the attack stage's
-    relearning are both this run."""
+    `lr`, `max_steps`, no stop rules (not even `collapse`: an attack may wreck the model), LoRA on or off
+    (train.lora's r/alpha/modules), any further `train` settings; the launch (ranks, ZeRO, batch) as the
+    config's. The merge's task vector and the attack stage's relearning are both this run."""
     method = MethodConfig(name="finetune", gamma=1.0, alpha=0.0, retain_loss="none")
-    settings = cfg.train.model_copy(update={"lr": lr, "max_steps": max_steps, "stop": StopConfig(),
+    settings = cfg.train.model_copy(update={"lr": lr, "max_steps": max_steps, "stop": StopConfig(collapse=None),
                                             "lora": cfg.train.lora.model_copy(update={"enabled": lora}), **train})
     return cfg.model_copy(update={"method": method, "train": settings})
 
@@ -149,7 +152,11 @@ def _failure_message(run_dir: Path, log: Path, returncode: int) -> str:
     failure = run_dir / "failure.json"
     resume = _resume_hint(run_dir)
     if failure.is_file():
-        return f"training stopped: {json.loads(failure.read_text())['error']} ({resume}; log: {log})"
+        record = json.loads(failure.read_text())
+        if not record.get("resumable", True):
+            resume = ("resuming with the same settings would fail the same way; a changed setting starts a new run "
+                      "from the start")
+        return f"training stopped: {record['error']} ({resume}; log: {log})"
     tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:]) if log.is_file() else ""
     return f"the training job exited with status {returncode} ({resume}); the end of {log}:\n{tail}"
 
@@ -168,8 +175,43 @@ def launch(cfg: ExperimentConfig, jobs: list[tuple[dict[str, Any], Path]]) -> No
 
     `cfg` gives the launch (launcher, ranks, nodes, time limit), the same for every job (`launch_group`). Each
     rank writes a job's output to that job's train.log; a launch of several jobs writes the launcher's own
-    lines to launch.log beside the first.
+    lines to launch.log beside the first. A job is finished when its run_summary.json exists, whatever the
+    exit status; the run directories are locked for the launch (`run_dir_locks`): a concurrent `unlearn` on
+    the same jobs waits, then finds them finished. Ranks that fail without an expected error (a native crash
+    at exit, a rank killed, a lost connection) are started once more for the unfinished jobs, which resume
+    from their last complete checkpoints.
     """
+    # One launching process per job: node 0's (the others of a multi-node launch join the same jobs).
+    first_node = int(os.environ.get("NODE_RANK", "0")) == 0
+    with run_dir_locks([run_dir for _, run_dir in jobs]) if first_node else contextlib.nullcontext():
+        for attempt in (1, 2):
+            todo = [(spec, run_dir) for spec, run_dir in jobs if not (run_dir / "run_summary.json").is_file()]
+            if not todo:
+                return
+            returncode = _launch_once(cfg, todo)
+            unfinished = [run_dir for _, run_dir in todo if not (run_dir / "run_summary.json").is_file()]
+            if not unfinished:
+                return
+            if returncode is None:
+                raise TrainingFailed(_timeout_message(cfg, unfinished[0], unfinished[0] / "train.log"))
+            if attempt == 1 and not _expected_failure(unfinished[0]):
+                print(f"the ranks exited with status {returncode} without an error that says what to change; "
+                      f"starting them again for the {len(unfinished)} unfinished job(s), which resume from their "
+                      "last complete checkpoint", file=sys.stderr, flush=True)
+                continue
+            raise TrainingFailed(_failure_message(unfinished[0], unfinished[0] / "train.log", returncode or 0))
+
+
+def _expected_failure(run_dir: Path) -> bool:
+    """Whether a job failed in a way a rerun as it is cannot mend (its failure.json says what to change)."""
+    try:
+        return bool(json.loads((run_dir / "failure.json").read_text()).get("expected"))
+    except (OSError, ValueError):
+        return False
+
+
+def _launch_once(cfg: ExperimentConfig, jobs: list[tuple[dict[str, Any], Path]]) -> int | None:
+    """One start of the ranks for `jobs`; the launcher's exit status, or None past train.timeout_s."""
     for spec, run_dir in jobs:
         (run_dir / "spec.json").write_text(json.dumps(spec, indent=2))
         (run_dir / "failure.json").unlink(missing_ok=True)
@@ -193,33 +235,34 @@ def launch(cfg: ExperimentConfig, jobs: list[tuple[dict[str, Any], Path]]) -> No
     with log.open("a") as out:
         out.write(f"$ {' '.join(argv)}\n")
         out.flush()
-        returncode = _run_job(argv, out, _job_env(cfg), train.timeout_s)
-    for _, run_dir in jobs:
-        if (run_dir / "run_summary.json").is_file():
-            continue
-        if returncode is None:
-            raise TrainingFailed(_timeout_message(cfg, run_dir, run_dir / "train.log"))
-        raise TrainingFailed(_failure_message(run_dir, run_dir / "train.log", returncode or 0))
+        return _run_job(argv, out, _job_env(cfg), train.timeout_s)
 
 
 def _resume_hint(run_dir: Path) -> str:
-    ckpt = run_dir / "checkpoints" / "latest"
-    return (f"the last good checkpoint is {ckpt.read_text().strip()} in {ckpt.parent}; rerun the same command to "
-            "resume from it" if ckpt.is_file() else "no checkpoint was written")
+    tag = latest_complete(run_dir / "checkpoints")
+    return (f"the last complete checkpoint is {tag} in {run_dir / 'checkpoints'}; rerun the same command to resume "
+            "from it" if tag else "no complete checkpoint was written")
 
 
 def _timeout_message(cfg: ExperimentConfig, run_dir: Path, log: Path) -> str:
+    every = cfg.train.checkpoint_every
+    fix = ("raise train.timeout_s" if every and latest_complete(run_dir / "checkpoints") else
+           f"raise train.timeout_s, or lower train.checkpoint_every={every} so a checkpoint comes sooner" if every
+           else "raise train.timeout_s or set train.checkpoint_every")
     return (f"the training job ran past train.timeout_s={cfg.train.timeout_s:g} s and was stopped "
-            f"({_resume_hint(run_dir)}; raise train.timeout_s or set train.checkpoint_every; log: {log})")
+            f"({_resume_hint(run_dir)}; {fix}; log: {log})")
 
 
 def _run_job(argv: list[str], out: Any, env: dict[str, str], timeout_s: float | None) -> int | None:
     """Run the launcher in its own process group; its exit status, or None past `timeout_s`.
 
     However this returns (timeout, Ctrl-C, an orchestrator's cancellation), no rank outlives it: the whole
-    group gets SIGTERM, then SIGKILL after a grace period.
+    group gets SIGTERM, then SIGKILL after a grace period. And if this process dies without returning (SIGKILL,
+    OOM killer), the launcher gets SIGKILL from the kernel and every rank stops within a second
+    (`unlearning.train.lifetime`).
     """
-    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = subprocess.Popen(orphan_proof(argv), stdout=out, stderr=subprocess.STDOUT, env={**env, **parent_env()},
+                            start_new_session=True)
     try:
         return proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -321,7 +364,5 @@ def _with_probabilities(cfg: ExperimentConfig, target: Path, target_probs: dict[
     if "probability" not in summary:
         summary["probability"] = {"target": target_probs or probabilities(target, prepared, cfg),
                                   "unlearned": probabilities(run_dir / "model", prepared, cfg)}
-        tmp = path.with_name(".run_summary.json.tmp")
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(summary, indent=2))
     return summary

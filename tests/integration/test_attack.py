@@ -19,7 +19,9 @@ ATTACKS = ["relearn", "quantize", "choice", "cloze", "paraphrase", "context", "p
 def _raw(out, seed: int, **attack):
     return pico_raw(out, seed=seed, model={"finetune": MEMORISE},
                     method={"name": "ga", "alpha": 0.0},
-                    train={"lr": 2e-3, "max_steps": 20, "num_processes": 2, "batch_size": 2},
+                    # GA to destruction on purpose (retain probability 0.97 → 0.007): what relearning must revive.
+                    train={"lr": 2e-3, "max_steps": 20, "num_processes": 2, "batch_size": 2,
+                           "stop": {"collapse": None}},
                     eval={"suite": "quick", "models": ["target", "oracle", "unlearned"]},
                     attack={"attacks": ATTACKS, "relearn": {"steps": [0, 10, 30], "lr": 1e-3},
                             "quantize": {"schemes": ["none", "nf4"]}, **attack})

@@ -23,7 +23,7 @@ from unlearning.config import (
     is_file_spec,
 )
 from unlearning.data import synthetic
-from unlearning.errors import UserError, raise_if
+from unlearning.errors import UserError, raise_if, warn
 
 REQUIRED_COLUMNS = ("question", "answer")
 
@@ -72,7 +72,29 @@ def _file_split(spec: str) -> Any:
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as e:
-        raise UserError(f"data.splits: could not read {spec!r} as {builder}: {type(e).__name__}: {e}") from e
+        where = _bad_json_line(path) if builder == "json" else None
+        raise UserError(f"data.splits: could not read {spec!r} as {builder}: "
+                        + (where or f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")) from e
+
+
+def _bad_json_line(path: Path) -> str | None:
+    """Where a JSON Lines file stops being JSON (datasets' own error names no line), or None."""
+    text = path.read_text(errors="replace")
+    if text.lstrip().startswith("["):  # one JSON array, not lines
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            return f"not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+        return None
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"line {number} is not valid JSON ({e.msg} at column {e.colno}): {line[:80]!r}"
+            if not isinstance(record, dict):
+                return f"line {number} is a JSON {type(record).__name__}, not an object with question and answer"
+    return None
 
 
 def _as_list(value: Any) -> list[str]:
@@ -149,14 +171,22 @@ def normalize(rows: list[dict[str, Any]], columns: dict[str, str], split: str) -
     return out
 
 
-def _has_rows(path: Path) -> bool:
+def _file_problem(path: Path) -> str | None:
+    """Why a data file cannot be read (checked before anything is loaded), or None."""
     if path.suffix.lower() == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return path.stat().st_size > 0 and pq.read_metadata(path).num_rows > 0
+        try:
+            rows = pq.read_metadata(path).num_rows if path.stat().st_size > 0 else 0
+        except (pa.ArrowException, OSError) as e:
+            return (f"is not a Parquet file ({str(e).splitlines()[0]}); write it with pandas.DataFrame.to_parquet "
+                    "or datasets' to_parquet, or give it the suffix of its format (.jsonl, .json, .csv)")
+        return None if rows else "has no rows; fill it or point at another file"
     with path.open("rb") as f:
         lines = [line for _, line in zip(range(3), f, strict=False) if line.strip()]
-    return len(lines) > (1 if path.suffix.lower() == ".csv" else 0)  # a CSV's first line is its header
+    header = 1 if path.suffix.lower() == ".csv" else 0  # a CSV's first line is its header
+    return None if len(lines) > header else "has no rows; fill it or point at another file"
 
 
 def check_files(data: DataConfig) -> None:
@@ -168,15 +198,35 @@ def check_files(data: DataConfig) -> None:
         path = resolve_file(spec)
         if not path.is_file():
             problems.append(f"data.splits.{split}: file {spec!r} not found")
-        elif not _has_rows(path):
-            problems.append(f"data.splits.{split}: file {spec!r} has no rows; fill it or point at another file")
+        elif problem := _file_problem(path):
+            problems.append(f"data.splits.{split}: file {spec!r} {problem}")
     raise_if(problems)
+
+
+def _pair(r: dict[str, Any]) -> tuple[str, str]:
+    """A QA pair compared case- and whitespace-insensitively."""
+    return (" ".join(r["question"].lower().split()), " ".join(r["answer"].lower().split()))
+
+
+def warn_duplicates(splits: dict[str, list[dict[str, Any]]]) -> None:
+    """A QA pair repeated within a split weighs twice in training and in every mean: say so (not an error: a
+    benchmark may repeat a fact on purpose)."""
+    for split, rows in splits.items():
+        seen: dict[tuple[str, str], int] = {}
+        repeats = []
+        for i, r in enumerate(rows):
+            if (k := _pair(r)) in seen:
+                repeats.append((seen[k] + 1, i + 1))
+            seen.setdefault(k, i)
+        if repeats:
+            first, again = repeats[0]
+            warn(f"split {split!r}: {len(repeats)} QA pair(s) repeat an earlier row (first: row {again} repeats row "
+                 f"{first}); each copy counts in training and in the split's means; remove the copies if unintended")
 
 
 def check_overlap(splits: dict[str, list[dict[str, Any]]]) -> None:
     """Forget and retain must not share a QA pair, nor forget and holdout (it would leak membership)."""
-    def key(r: dict[str, Any]) -> tuple[str, str]:
-        return (" ".join(r["question"].lower().split()), " ".join(r["answer"].lower().split()))
+    key = _pair
 
     forget = {key(r) for r in splits.get("forget", [])}
     problems = []
@@ -204,4 +254,5 @@ def load_records(cfg: ExperimentConfig) -> dict[str, list[dict[str, Any]]]:
     if not splits.get("retain"):
         raise UserError("the retain split is empty; the oracle is trained on it, so it must have rows")
     check_overlap(splits)
+    warn_duplicates(splits)
     return splits

@@ -19,6 +19,7 @@ from unlearning.config import ExperimentConfig, content_hash
 from unlearning.data.loaders import load_records
 from unlearning.data.tokenize import encode_prompts, encode_qa_many, load_tokenizer, train_tokenizer
 from unlearning.errors import raise_if, warn
+from unlearning.outputs import publish
 
 FORMAT_VERSION = 1  # bump when the encoding changes, so old caches are not trusted
 
@@ -171,7 +172,4 @@ def _write(out: Path, encoded: dict[str, list] | Any, tokenizer: Any, info: dict
     splits.save_to_disk(str(tmp / "splits"))
     tokenizer.save_pretrained(str(tmp / "tokenizer"))
     (tmp / "fingerprint.json").write_text(json.dumps(info, indent=2))
-    if out.exists():  # a concurrent writer finished first with identical content
-        shutil.rmtree(tmp)
-        return
-    os.replace(tmp, out)
+    publish(tmp, out)  # a concurrent writer that finished first wrote identical content: theirs is kept

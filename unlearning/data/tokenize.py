@@ -45,16 +45,17 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
     has none."""
     from transformers import AutoTokenizer
 
-    from unlearning.checkpoints import checkpoint_dir
+    from unlearning.checkpoints import checkpoint_dir, offline_hint
 
     try:
         tok = AutoTokenizer.from_pretrained(checkpoint_dir(name_or_path), trust_remote_code=trust_remote_code)
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"could not load a tokenizer from {name_or_path!r}: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}; set data.tokenizer.name to a valid "
-                        "tokenizer name or path") from e
+        raise UserError(offline_hint(name_or_path) or (
+            f"could not load a tokenizer from {name_or_path!r}: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}; set data.tokenizer.name to a valid tokenizer name or "
+            "path")) from e
     if tok.eos_token_id is None:
         raise UserError(f"tokenizer {name_or_path!r} has no EOS token; answers must end with one")
     if tok.pad_token_id is None:

@@ -19,6 +19,7 @@ from typing import Any
 from unlearning.config import ExperimentConfig, content_hash
 from unlearning.merge.streaming import MERGES, merge_checkpoints
 from unlearning.models import build_models, model_identity, probabilities
+from unlearning.outputs import write_atomic
 from unlearning.unlearn import forget_finetune, unlearn
 
 
@@ -92,5 +93,5 @@ def _summary(cfg: ExperimentConfig, built: Any, ft: Any, task: Path, runs: list[
     summary = {"method": cfg.merge.method, "task_vector": str(task), "finetune_run": str(ft.run_dir),
                "merged": runs, "probability": probs, "probability_by_identity": by_identity}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2))
+    write_atomic(path, json.dumps(summary, indent=2))
     return summary

@@ -34,6 +34,7 @@ from unlearning.merge.safetensors_io import (
     row_chunks,
     write_shards,
 )
+from unlearning.outputs import publish
 from unlearning.registry import Registry
 
 MERGES = Registry("merge")
@@ -261,6 +262,7 @@ def merge_checkpoints(base: Path, tasks: Sequence[tuple[Path, float]], out: Path
     info = {"method": method, "base": str(base), "tasks": [{"path": str(p), "weight": w} for p, w in tasks],
             "files": written, "tensors": len(plan), "bytes": sum(p.nbytes for p in plan)}
     (tmp / "merge.json").write_text(json.dumps(info, indent=2))  # written last: marks a complete merge
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    if not (out / "merge.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)  # a merge that died before its record: not one to keep
+    publish(tmp, out)
     return info

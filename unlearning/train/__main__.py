@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
-from unlearning.train.job import FAILED_EXIT, JobError, record_failure, run
+from unlearning.train.job import EXIT_ENV, FAILED_EXIT, JobError, record_failure, run
+from unlearning.train.lifetime import ranks_hold, watch_parent
 from unlearning.train.loop import NonFiniteLoss
+from unlearning.train.stopping import Collapsed
 
 
 @contextlib.contextmanager
@@ -47,8 +49,8 @@ def run_one(spec: dict) -> bool:
     run_dir = Path(spec["run_dir"])
     try:
         run(spec)
-    except (JobError, NonFiniteLoss) as e:  # expected failures: the message says what to change
-        record_failure(run_dir, str(e))
+    except (JobError, NonFiniteLoss, Collapsed) as e:  # expected failures: the message says what to change
+        record_failure(run_dir, str(e), expected=True, resumable=isinstance(e, JobError))
         print(f"error: {e}", file=sys.stderr)
         return False
     except Exception as e:
@@ -62,18 +64,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("specs", type=Path, nargs="+", help="job specs written by `unlearn unlearn`")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher; unused")
     args = parser.parse_args(argv)
-    for path in args.specs:
-        spec = json.loads(path.read_text())
-        run_dir = Path(spec["run_dir"])
-        if (run_dir / "run_summary.json").is_file():
-            continue
-        with output_to(run_dir / "train.log") if len(args.specs) > 1 else contextlib.nullcontext():
-            ok = run_one(spec)
-        gc.collect()  # the last job's engine, before the next one builds its own
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if not ok:
-            return FAILED_EXIT
+    watch_parent()  # never outlive the unlearn process that launched us
+    specs = [json.loads(path.read_text()) for path in args.specs]
+    with ranks_hold([Path(spec["run_dir"]) for spec in specs]):
+        for spec in specs:
+            run_dir = Path(spec["run_dir"])
+            if (run_dir / "run_summary.json").is_file():
+                continue
+            with output_to(run_dir / "train.log") if len(args.specs) > 1 else contextlib.nullcontext():
+                ok = run_one(spec)
+            if ok and os.environ.get(EXIT_ENV) == os.environ.get("RANK"):
+                os.abort()  # fault injection: a rank dying natively after its job finished
+            gc.collect()  # the last job's engine, before the next one builds its own
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if not ok:
+                return FAILED_EXIT
     return 0
 
 

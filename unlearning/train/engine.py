@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from unlearning.train import complete
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float, kind: str = "cosine"
@@ -290,36 +291,39 @@ def frozen_reference(path: str | Path, ds_config: dict[str, Any], *, dtype: torc
 
 def save_checkpoint(engine: Any, ckpt_dir: Path, step: int, state: dict[str, Any], *, frozen: bool = True,
                     keep: int = 2) -> None:
-    """Save a DeepSpeed checkpoint tagged `step<N>` (all ranks) and prune all but the newest `keep`.
+    """Save a DeepSpeed checkpoint tagged `step<N>` (all ranks), complete or invisible, and prune all but the
+    newest `keep`.
 
-    DeepSpeed updates the `latest` pointer only after every shard is written, so a crash mid-save leaves
-    the previous checkpoint as the one to resume from. `frozen=False` leaves frozen parameters out
-    (LoRA: they are the target's weights, reloaded on resume).
+    Every rank writes and flushes its own files; after a barrier rank 0 records them and only then moves the
+    `latest` pointer (`unlearning.train.complete`), so a rank killed mid-save leaves the previous complete
+    checkpoint as the one to resume from. `frozen=False` leaves frozen parameters out (LoRA: they are the
+    target's weights, reloaded on resume).
     """
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state=state,
-                           exclude_frozen_parameters=not frozen)
+    tag = f"step{step}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, exclude_frozen_parameters=not frozen,
+                           save_latest=False)
+    complete.flush_dir(ckpt_dir / tag)
     dist.barrier()
     if dist.get_rank() == 0:
-        tags = sorted((p for p in ckpt_dir.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
-        for old in tags[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        complete.mark_complete(ckpt_dir, tag, keep)
     dist.barrier()
 
 
 def load_latest(engine: Any, ckpt_dir: Path) -> dict[str, Any] | None:
-    """Restore the newest checkpoint of `ckpt_dir` into `engine`; its client state, or None if none exists."""
-    if not (ckpt_dir / "latest").is_file():
+    """Restore the newest complete checkpoint of `ckpt_dir` into `engine` (an incomplete newer one, left by a rank
+    killed mid-save, is skipped); its client state, or None if there is none."""
+    tag = complete.latest_complete(ckpt_dir)
+    if tag is None:
         return None
-    path, state = engine.load_checkpoint(str(ckpt_dir), load_module_strict=False)
+    path, state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False)
     if path is None:
-        raise RuntimeError(f"could not load the checkpoint named by {ckpt_dir / 'latest'}; delete {ckpt_dir} "
-                           "to start the run over")
+        raise RuntimeError(f"could not load the checkpoint {ckpt_dir / tag}; delete {ckpt_dir} to start the run over")
     return dict(state or {})
 
 
 def latest_tag(ckpt_dir: Path) -> str | None:
-    latest = ckpt_dir / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
+    """The newest complete checkpoint's tag."""
+    return complete.latest_complete(ckpt_dir)
 
 
 def consolidated_state_dict(ckpt_dir: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +40,8 @@ from unlearning.train.reference import reference_logprobs
 from unlearning.train.sampler import Layout, Stream, micro_batches
 from unlearning.train.stopping import StopRuleError, StopRules
 
-FAULT_ENV = "UNLEARN_FAULT_AFTER_STEP"  # crash on purpose after this step's checkpoint (recovery tests)
+KILL_ENV = "UNLEARN_FAULT_KILL"  # "RANK:STEP": that rank SIGKILLs itself as step STEP's checkpoint begins
+EXIT_ENV = "UNLEARN_FAULT_ABORT_AT_EXIT"  # "RANK": that rank aborts after its job's summary (a native crash)
 FAILED_EXIT = 3
 
 
@@ -159,11 +161,15 @@ def _peak_memory_mb(device: torch.device, rss_start_mb: float, train_peak_mb: fl
     return out
 
 
-def record_failure(run_dir: Path, error: str) -> None:
-    """Leave `failure.json` (the first failing rank's reason and the checkpoint to resume from)."""
+def record_failure(run_dir: Path, error: str, *, expected: bool = False, resumable: bool = True) -> None:
+    """Leave `failure.json`: the first failing rank's reason, the checkpoint to resume from, whether the failure
+    was an expected one whose message says what to change (a rerun as it is cannot help), and whether resuming
+    with the same settings can help at all (not after a non-finite loss or a collapse, which the same lr
+    reproduces)."""
     path = run_dir / "failure.json"
     if not path.exists():
-        _write_json(path, {"error": error, "last_checkpoint": ds.latest_tag(run_dir / "checkpoints")})
+        _write_json(path, {"error": error, "last_checkpoint": ds.latest_tag(run_dir / "checkpoints"),
+                           "expected": expected, "resumable": resumable})
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -216,7 +222,7 @@ def run(spec: dict[str, Any]) -> JobOutput:
         except StopRuleError as e:
             raise JobError(str(e)) from e
     saved = {"step": start_step}
-    fault_after = int(os.environ.get(FAULT_ENV, "0") or 0)
+    kill_at = tuple(int(x) for x in os.environ[KILL_ENV].split(":")) if os.environ.get(KILL_ENV) else None
 
     def client_state(step: int) -> dict[str, Any]:
         return {"step": step, "history": history, **rules.state()}
@@ -228,6 +234,8 @@ def run(spec: dict[str, Any]) -> JobOutput:
         due = (bool(train.snapshot_every) and step % train.snapshot_every == 0) or step in train.snapshot_steps
         snapshot = due and not reason and step < train.max_steps  # the run's last step is its model/
         if snapshot or (train.checkpoint_every and step % train.checkpoint_every == 0):
+            if kill_at == (place.rank, step):
+                os.kill(os.getpid(), signal.SIGKILL)
             ds.save_checkpoint(engine, ckpt_dir, step, client_state(step), frozen=not train.lora.enabled,
                                keep=train.keep_checkpoints)
             saved["step"] = step
@@ -235,8 +243,6 @@ def run(spec: dict[str, Any]) -> JobOutput:
             if place.rank == 0:
                 export_model(cfg, ckpt_dir, f"step{step}", spec["target"], tok, run_dir / "snapshots" / f"step{step}")
             dist.barrier()
-        if fault_after and step == fault_after:
-            raise RuntimeError(f"fault injected after step {step} ({FAULT_ENV}={fault_after})")
         return reason
 
     result = run_loop(engine, batches, objective, max_steps=train.max_steps, grad_accum=train.grad_accum,
@@ -268,6 +274,7 @@ def run(spec: dict[str, Any]) -> JobOutput:
             "reference_cache": spec.get("ref_cache") if need["ref_logp"] else None,
         }
         _write_json(run_dir / "run_summary.json", summary)
+        (run_dir / "failure.json").unlink(missing_ok=True)  # an earlier attempt's reason, now stale
     dist.barrier()
     return JobOutput(engine, result, summary, zero3_handle)
 

@@ -26,6 +26,10 @@ class StopRuleError(RuntimeError):
     """A stopping rule that would end the run before its first step (the starting model already meets it)."""
 
 
+class Collapsed(RuntimeError):
+    """The retain probability fell below `train.stop.collapse` × its start: the run failed (see StopConfig)."""
+
+
 def fixed_sample(rows: Any, size: int, seed: int) -> list[dict[str, Any]]:
     """`size` rows of a split in a seeded order (the same on every rank and on resume)."""
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -52,7 +56,7 @@ class StopRules:
         self.utility: list[dict[str, float]] = list(state.get("utility", []))
         self.holdout: list[dict[str, float]] = list(state.get("holdout", []))
         self.retain = fixed_sample(splits["retain"], stop.utility_sample, seed) \
-            if stop.utility_floor is not None else []
+            if stop.utility_floor is not None or stop.collapse is not None else []
         if stop.holdout_match is not None:
             self.forget = fixed_sample(splits["forget"], stop.holdout_sample, seed + 1)
             self.heldout = fixed_sample(splits["holdout"], stop.holdout_sample, seed + 2)
@@ -64,9 +68,9 @@ class StopRules:
     def start(self) -> None:
         """The checks before the first step: a rule the starting model already meets is a configuration error."""
         stop = self.stop
-        if stop.utility_floor is not None:
+        if stop.utility_floor is not None or stop.collapse is not None:
             p0 = self._check_utility(0)
-            if p0 < stop.utility_floor:
+            if stop.utility_floor is not None and p0 < stop.utility_floor:
                 raise StopRuleError(f"train.stop.utility_floor={stop.utility_floor} is above the starting model's "
                                     f"retain probability {p0:.4f}: the run would stop at once; lower the floor")
         if stop.holdout_match is not None:
@@ -82,9 +86,16 @@ class StopRules:
         stop, step = self.stop, int(record["step"])
         if stop.forget_loss_bound is not None and record["forget_nll"] >= stop.forget_loss_bound:
             return "forget_loss_bound"
-        if stop.utility_floor is not None and step % stop.utility_every == 0 and \
-                self._check_utility(step) < stop.utility_floor:
-            return "utility_floor"
+        if (stop.utility_floor is not None or stop.collapse is not None) and step % stop.utility_every == 0:
+            p = self._check_utility(step)
+            start = self.utility[0]["retain_probability"]
+            if stop.collapse is not None and p < stop.collapse * start:
+                raise Collapsed(f"the retain probability fell from {start:.4f} to {p:.2e} by step {step}, below "
+                                f"train.stop.collapse={stop.collapse:g} of its start: the model is destroyed. Lower "
+                                "train.lr, or end the run earlier (train.max_steps, train.stop.utility_floor); "
+                                "train.stop.collapse=null allows it")
+            if stop.utility_floor is not None and p < stop.utility_floor:
+                return "utility_floor"
         if stop.holdout_match is not None and step % stop.holdout_every == 0 and self._check_holdout(step)[1]:
             return "holdout_match"
         return None
