@@ -47,32 +47,47 @@ def main() -> None:
     oracle = stage.attack(cfg.model_copy(update={"attack": cfg.attack.model_copy(update={"models": []})}), evals,
                           prepared).results["oracle"]
     points = stage.attack_points(cfg)
-    plain_s, attack_s, per_point = [], [], {}
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        evaluate_checkpoint(evals[label].path, prepared, cfg, label=label, oracle=evals["oracle"], is_oracle=False)
-        plain_s.append(time.perf_counter() - start)
-        scratch = Path(tempfile.mkdtemp(prefix="bench-attack-"))
-        fresh = cfg.model_copy(update={"output_dir": str(scratch)})
-        try:
-            start = time.perf_counter()
-            relearned = stage._relearn(fresh, prepared, {label: evals[label].path})
-            asked = stage.point_data(fresh, prepared, points)
-            result = stage._attack_model(fresh, prepared, evals[label], relearned.get(label, {}), oracle, asked)
-            attack_s.append(time.perf_counter() - start)
-            if attack_s[-1] == min(attack_s):
-                per_point = result["timing"]
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-    best_plain, best_attack = min(plain_s), min(attack_s)
+
+    def one_model(fresh):
+        relearned = stage._relearn(fresh, prepared, {label: evals[label].path})
+        asked = stage.point_data(fresh, prepared, points)
+        return stage._attack_model(fresh, prepared, evals[label], relearned.get(label, {}), oracle, asked)
+
+    plain_s, attack_s, results = alternate(
+        cfg, args.repeats, lambda: evaluate_checkpoint(evals[label].path, prepared, cfg, label=label,
+                                                       oracle=evals["oracle"], is_oracle=False), one_model)
     print(f"model {label} ({cfg.name}, seed {cfg.seed}); {len(points)} attack points: {', '.join(points)}")
-    print(f"plain evaluation  {best_plain:8.1f} s   (runs: {', '.join(f'{t:.1f}' for t in plain_s)})")
-    print(f"attack suite      {best_attack:8.1f} s   (runs: {', '.join(f'{t:.1f}' for t in attack_s)})")
-    print(f"ratio             {best_attack / best_plain:8.2f}x  (target: <= 3x)")
+    report("plain evaluation", "attack suite", plain_s, attack_s)
+    per_point = results[attack_s.index(min(attack_s))]["timing"]
     print("per point (s, evaluation only; relearning training is outside): "
           + ", ".join(f"{p} {t:.1f}" for p, t in per_point.items()))
     if args.all:
         whole_stage(cfg, evals, prepared, args.repeats)
+
+
+def alternate(cfg, repeats: int, plain, attacked) -> tuple[list[float], list[float], list]:
+    """`repeats` times: time `plain()`, then `attacked(cfg in a fresh output directory)` (nothing cached, removed
+    after); both lists of seconds and the attacked results."""
+    plain_s, attack_s, results = [], [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        plain()
+        plain_s.append(time.perf_counter() - start)
+        scratch = Path(tempfile.mkdtemp(prefix="bench-attack-"))
+        try:
+            start = time.perf_counter()
+            results.append(attacked(cfg.model_copy(update={"output_dir": str(scratch)})))
+            attack_s.append(time.perf_counter() - start)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return plain_s, attack_s, results
+
+
+def report(plain_name: str, attack_name: str, plain_s: list[float], attack_s: list[float]) -> None:
+    """Both best times with every run, and their ratio against the issue's target."""
+    for name, times in ((plain_name, plain_s), (attack_name, attack_s)):
+        print(f"{name:<18}{min(times):8.1f} s   (runs: {', '.join(f'{t:.1f}' for t in times)})")
+    print(f"{'ratio':<18}{min(attack_s) / min(plain_s):8.2f}x  (target: <= 3x)")
 
 
 def whole_stage(cfg, evals, prepared, repeats: int) -> None:
@@ -81,26 +96,16 @@ def whole_stage(cfg, evals, prepared, repeats: int) -> None:
     from unlearning.evaluate.runner import evaluate_checkpoint
 
     labels = stage.attacked_labels(cfg, evals)
-    plain_s, attack_s = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
+
+    def plain() -> None:
         for label in labels:
             alone = label == "oracle"
             evaluate_checkpoint(evals[label].path, prepared, cfg, label=label,
                                 oracle=None if alone else evals["oracle"], is_oracle=alone)
-        plain_s.append(time.perf_counter() - start)
-        scratch = Path(tempfile.mkdtemp(prefix="bench-attack-"))
-        try:
-            start = time.perf_counter()
-            stage.attack(cfg.model_copy(update={"output_dir": str(scratch)}), evals, prepared)
-            attack_s.append(time.perf_counter() - start)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-    best_plain, best_attack = min(plain_s), min(attack_s)
+
+    plain_s, attack_s, _ = alternate(cfg, repeats, plain, lambda fresh: stage.attack(fresh, evals, prepared))
     print(f"whole stage: {len(labels)} labels ({', '.join(labels)})")
-    print(f"plain evaluations {best_plain:8.1f} s   (runs: {', '.join(f'{t:.1f}' for t in plain_s)})")
-    print(f"attack stage      {best_attack:8.1f} s   (runs: {', '.join(f'{t:.1f}' for t in attack_s)})")
-    print(f"ratio             {best_attack / best_plain:8.2f}x  (target: <= 3x)")
+    report("plain evaluations", "attack stage", plain_s, attack_s)
 
 
 if __name__ == "__main__":

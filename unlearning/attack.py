@@ -108,13 +108,18 @@ def attack_problems(cfg: ExperimentConfig, evals: dict[str, ModelEval]) -> list[
     return problems
 
 
+def relearn_steps(cfg: ExperimentConfig) -> list[int]:
+    """The relearning step counts that train (k > 0), ascending: the last is the run, the others its snapshots."""
+    return sorted({k for k in cfg.attack.relearn.steps if k})
+
+
 def relearn_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """The relearning fine-tune: descent on the forget NLL (`finetune`), attack.relearn's lr held constant (no
     warm-up, no decay), max(attack.relearn.steps) steps with a snapshot at every other k, so the snapshot at k is
     exactly a k-step fine-tune and one run serves every k; no stop rules, full or LoRA; the launch (ranks, ZeRO,
     batch) as the config's training."""
     r = cfg.attack.relearn
-    steps = sorted({k for k in r.steps if k})
+    steps = relearn_steps(cfg)
     return forget_finetune(cfg, lr=r.lr, max_steps=max(steps, default=1), lora=r.lora, snapshot_every=0,
                            snapshot_steps=steps[:-1], schedule="constant", warmup_ratio=0.0,
                            batch_size=r.batch_size or cfg.train.batch_size)
@@ -192,7 +197,7 @@ def _relearn(cfg: ExperimentConfig, prepared: PreparedData, models: dict[str, Pa
     if "relearn" not in cfg.attack.attacks:
         return {}
     out: dict[str, dict[int, Path]] = {label: {0: path} for label, path in models.items()}
-    steps = sorted({k for k in cfg.attack.relearn.steps if k})
+    steps = relearn_steps(cfg)
     if not steps:
         return out
     data, _, _ = relearn_data(cfg, prepared)
@@ -224,7 +229,8 @@ def point_data(cfg: ExperimentConfig, prepared: PreparedData, points: list[str])
     forget = evaluated_rows(data, "forget", cfg)
     # Utility after a weight attack: the retain answers' probability (the sample the evaluation scores, its
     # paraphrased and perturbed answers left out) and the utility sets as the evaluation scores them.
-    utility = {s: [answer_only(r) if s == "retain" else r for r in evaluated_rows(data, s, cfg)]
+    utility = {s: [one_question(r, "paraphrased_answer", "perturbed_answer") if s == "retain" else r
+                   for r in evaluated_rows(data, s, cfg)]
                for s in ("retain", *cfg.eval.utility_splits) if s in data and s in (cfg.eval.splits or data)}
     tokenizer = prepared.tokenizer()
     settings = {"seed": cfg.data_seed, **cfg.attack.context.model_dump()}
@@ -246,11 +252,6 @@ def point_data(cfg: ExperimentConfig, prepared: PreparedData, points: list[str])
                           PointData({"forget": encoded(prompted, tokenizer, limit)}, prompted.template, limit,
                                     chance=prompted.chance, rouge=entry.meta.get("rouge", True)))
     return out
-
-
-def answer_only(row: dict[str, Any]) -> dict[str, Any]:
-    """A row scored on its answer alone (probability; no truth ratio, no paraphrased question)."""
-    return {k: v for k, v in row.items() if k not in ("paraphrased_question", "paraphrased_answer", "perturbed_answer")}
 
 
 def _load(cfg: ExperimentConfig, path: Path, scheme: str = "none") -> Any:

@@ -162,16 +162,15 @@ def weight_problems(path: Path) -> list[str]:
 
 def safetensors_problem(path: Path) -> str | None:
     """Why a .safetensors file is not whole (its header's tensors end past the file's end), or None."""
+    from unlearning.merge.safetensors_io import read_header
+
     try:
-        with path.open("rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        end = max((t.offset + t.nbytes for t in read_header(path).values()), default=0)
+    except Exception as e:  # struct, JSON, dtype or shape errors of a damaged header
         return f"{path} is not a readable safetensors file ({type(e).__name__}); copy it again"
     actual = path.stat().st_size
-    if actual < 8 + size + end:
-        return (f"{path} is cut short: {actual} bytes, its header says {8 + size + end}; the copy or download was "
+    if actual < end:
+        return (f"{path} is cut short: {actual} bytes, its header says {end}; the copy or download was "
                 "interrupted: copy it again")
     return None
 

@@ -74,13 +74,16 @@ def building(out: Path) -> contextlib.AbstractContextManager[None]:
     return locked(out.with_name(f".{out.name}.lock"), f"is building {out.name}")
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path`, or its nearest ancestor that exists: where creating `path` would start."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
 def output_problems(out: Path) -> list[str]:
     """Why the run could not write its outputs under `out` (checked before any stage starts), if it could not."""
-    probe = out
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
+    probe = nearest_existing(out)
     if probe.exists() and not probe.is_dir():
         return [f"output_dir {out} lies under {probe}, which is a file, not a directory; choose another "
                 "output_dir=<directory>"]

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from unlearning.outputs import nearest_existing
 from unlearning.train.lifetime import alive
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
@@ -223,9 +224,7 @@ def tracking_problems(uri: str, timeout_s: float = 5.0) -> list[str]:
         path = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
         if path is None or not str(path):
             return [f"tracking.uri {uri!r}: a SQLite URI is sqlite:///<relative path> or sqlite:////<absolute path>"]
-        probe = path.parent if str(path.parent) else Path(".")
-        while not probe.exists() and probe.parent != probe:
-            probe = probe.parent
+        probe = nearest_existing(path.parent)
         if not probe.is_dir():
             return [f"tracking.uri {uri!r}: the database would be under {probe}, which is a file, not a directory; "
                     "point it at a directory"]

@@ -54,9 +54,11 @@ def _unavailable(template: Template, reason: str) -> Prompted:
     return Prompted([], template, reason)
 
 
-def one_question(row: dict[str, Any]) -> dict[str, Any]:
-    """The row without its paraphrased question: an attacked (or weight-attacked) item is asked once."""
-    return {k: v for k, v in row.items() if k != "paraphrased_question"}
+def one_question(row: dict[str, Any], *also: str) -> dict[str, Any]:
+    """The row without its paraphrased question (an attacked or weight-attacked item is asked once), nor the
+    fields named in `also`."""
+    dropped = ("paraphrased_question", *also)
+    return {k: v for k, v in row.items() if k not in dropped}
 
 
 @PROMPTS.register("paraphrase")

@@ -25,20 +25,20 @@ def step_of(tag: str) -> int:
     return int(tag[4:]) if tag.startswith("step") and tag[4:].isdigit() else -1
 
 
-def flush_dir(path: Path) -> None:
-    """fsync every file of `path` and the directory itself: written is durable, not only in the page cache."""
-    for p in path.iterdir():
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def flush_dir(path: Path) -> None:
+    """fsync every file of `path` and the directory itself: written is durable, not only in the page cache."""
+    for p in path.iterdir():
+        if p.is_file():
+            _fsync(p)
+    _fsync(path)
 
 
 def is_complete(tag_dir: Path) -> bool:

@@ -34,6 +34,7 @@ from unlearning.data.prepare import PreparedData
 from unlearning.memory import peak_rss_mb, rss_mb
 from unlearning.methods.answers import layouts
 from unlearning.train import engine as ds
+from unlearning.train.complete import step_of
 from unlearning.train.loop import LoopResult, run_loop
 from unlearning.train.objective import UnlearningObjective, needs
 from unlearning.train.reference import reference_logprobs
@@ -143,8 +144,8 @@ def export_model(cfg: ExperimentConfig, ckpt_dir: Path, tag: str, target: str, t
 
 def snapshots(run_dir: Path) -> dict[int, str]:
     """Step → the HF model saved at that step (`train.snapshot_every`, `train.snapshot_steps`), in step order."""
-    found = [p for p in (run_dir / "snapshots").glob("step*") if p.is_dir() and p.name[4:].isdigit()]
-    return {int(p.name[4:]): str(p) for p in sorted(found, key=lambda p: int(p.name[4:]))}
+    found = [p for p in (run_dir / "snapshots").glob("step*") if p.is_dir() and step_of(p.name) >= 0]
+    return {step_of(p.name): str(p) for p in sorted(found, key=lambda p: step_of(p.name))}
 
 
 def _peak_memory_mb(device: torch.device, rss_start_mb: float, train_peak_mb: float) -> dict[str, float]:

@@ -56,10 +56,15 @@ class StopRules:
         self.utility: list[dict[str, float]] = list(state.get("utility", []))
         self.holdout: list[dict[str, float]] = list(state.get("holdout", []))
         self.retain = fixed_sample(splits["retain"], stop.utility_sample, seed) \
-            if stop.utility_floor is not None or stop.collapse is not None else []
+            if self.checks_utility else []
         if stop.holdout_match is not None:
             self.forget = fixed_sample(splits["forget"], stop.holdout_sample, seed + 1)
             self.heldout = fixed_sample(splits["holdout"], stop.holdout_sample, seed + 2)
+
+    @property
+    def checks_utility(self) -> bool:
+        """Whether a rule reads the retain sample's probability (the utility floor, the collapse check)."""
+        return self.stop.utility_floor is not None or self.stop.collapse is not None
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps of the checks."""
@@ -68,7 +73,7 @@ class StopRules:
     def start(self) -> None:
         """The checks before the first step: a rule the starting model already meets is a configuration error."""
         stop = self.stop
-        if stop.utility_floor is not None or stop.collapse is not None:
+        if self.checks_utility:
             p0 = self._check_utility(0)
             if stop.utility_floor is not None and p0 < stop.utility_floor:
                 raise StopRuleError(f"train.stop.utility_floor={stop.utility_floor} is above the starting model's "
@@ -86,7 +91,7 @@ class StopRules:
         stop, step = self.stop, int(record["step"])
         if stop.forget_loss_bound is not None and record["forget_nll"] >= stop.forget_loss_bound:
             return "forget_loss_bound"
-        if (stop.utility_floor is not None or stop.collapse is not None) and step % stop.utility_every == 0:
+        if self.checks_utility and step % stop.utility_every == 0:
             p = self._check_utility(step)
             start = self.utility[0]["retain_probability"]
             if stop.collapse is not None and p < stop.collapse * start:
