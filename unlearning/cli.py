@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -25,6 +26,9 @@ def _quiet_libraries() -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    # bitsandbytes warns at import that its optional fused CPU 4-bit kernel is missing; we bypass that kernel
+    # anyway (`unlearning.models.load_causal_lm`), so the warning says nothing a user can act on.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -296,11 +300,11 @@ def _quiet_prefect() -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    import logging
 
-    import prefect.logging.configuration  # noqa: F401 (Prefect's handlers exist once it is imported)
+    import prefect.main  # noqa: F401 (importing Prefect's entry module sets up its logging handlers)
 
-    for name in ("prefect", "prefect.task_runs", "prefect.flow_runs", "prefect.engine"):
+    # Prefect's console handler sits on the root logger: its task and flow loggers propagate there.
+    for name in ("", "prefect", "prefect.task_runs", "prefect.flow_runs", "prefect.engine"):
         for handler in logging.getLogger(name).handlers:
             handler.addFilter(_not_a_user_error)
 

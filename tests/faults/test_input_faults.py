@@ -97,6 +97,16 @@ def test_duplicate_rows_are_named_in_a_warning(tmp_path):
     assert "warning: split 'forget': 1 QA pair(s) repeat an earlier row (first: row 7 repeats row 1)" in res.stderr
 
 
+def test_a_very_long_answer_is_warned_about_once_with_the_fix(tmp_path):
+    rows = [dict(r) for r in FORGET]
+    rows[4]["answer"] = "It is a long story. " * 5000  # 100k characters
+    res = _cli(tmp_path, _files(tmp_path, "\n".join(json.dumps(r) for r in rows)))
+    assert res.returncode == 0, res.stderr[-2000:]
+    warnings = [line for line in res.stderr.splitlines() if "are cut at data.max_length" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: 1 of 14 answers are cut at data.max_length=128")
+    assert "Raise data.max_length to keep them whole" in warnings[0]
+
+
 def test_an_empty_methods_list_and_an_infinite_lr_are_refused(tmp_path):
     raw = pico_raw(tmp_path / "run")
     raw["methods"] = []

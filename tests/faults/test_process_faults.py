@@ -43,6 +43,30 @@ def _ranks_of(run_dir: Path) -> list[str]:
     return subprocess.run(["pgrep", "-f", str(run_dir / "spec.json")], capture_output=True, text=True).stdout.split()
 
 
+def _started_until_a_checkpoint(tmp_path: Path, command: str) -> tuple[subprocess.Popen, Path]:
+    """`unlearn COMMAND cfg.yaml` started from tmp_path (output in first.log) and left running until its job has
+    a complete checkpoint, mid-training; the process and the job's run directory."""
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen([str(UNLEARN), command, str(tmp_path / "cfg.yaml")], cwd=tmp_path, stdout=log,
+                            stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        ckpts = list((tmp_path / "run" / "unlearn").glob("*/checkpoints"))
+        if ckpts and complete_tags(ckpts[0]):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+    assert _ranks_of(ckpts[0].parent)  # training, mid-run
+    return proc, ckpts[0].parent
+
+
+def _assert_ranks_end(run_dir: Path, within_s: float = 20) -> None:
+    deadline = time.monotonic() + within_s
+    while _ranks_of(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _ranks_of(run_dir) == []
+
+
 def test_a_rank_killed_as_a_checkpoint_begins_leaves_it_invisible_and_the_rerun_resumes_from_the_last_complete(
         tmp_path, monkeypatch, capfd):
     """Rank 1 SIGKILLs itself as step 4's checkpoint begins, in a launch that holds a GA job first: GA finishes,
@@ -102,24 +126,10 @@ def test_sigkill_of_unlearn_run_stops_its_ranks_and_the_same_command_ends_with_t
     raw["eval"] = {"suite": "quick", "models": ["unlearned"]}
     raw["tracking"] = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "register_models": False}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
-    log = (tmp_path / "first.log").open("w")
-    first = subprocess.Popen([str(UNLEARN), "run", str(tmp_path / "cfg.yaml")], cwd=tmp_path, stdout=log,
-                             stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and first.poll() is None:
-        ckpts = list((tmp_path / "run" / "unlearn").glob("*/checkpoints"))
-        if ckpts and complete_tags(ckpts[0]):
-            break
-        time.sleep(0.2)
-    assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-    run_dir = ckpts[0].parent
-    assert _ranks_of(run_dir)  # training, mid-run
+    first, run_dir = _started_until_a_checkpoint(tmp_path, "run")
     os.kill(first.pid, signal.SIGKILL)  # what `kill -9 <pid of unlearn run>` does
     first.wait()
-    deadline = time.monotonic() + 20
-    while _ranks_of(run_dir) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _ranks_of(run_dir) == []  # the launcher and both ranks died with it
+    _assert_ranks_end(run_dir)  # the launcher and both ranks died with it
     assert not (run_dir / "run_summary.json").exists()
 
     again = subprocess.run([str(UNLEARN), "run", str(tmp_path / "cfg.yaml")], cwd=tmp_path, capture_output=True,
@@ -136,3 +146,35 @@ def test_sigkill_of_unlearn_run_stops_its_ranks_and_the_same_command_ends_with_t
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
     assert not [r for r in runs if r.info.status == "RUNNING"]  # the killed run's runs were ended on the rerun
     assert any(r.info.status == "KILLED" for r in runs)
+
+
+def test_ctrl_c_of_unlearn_stops_its_ranks_and_says_so_in_one_line(tmp_path):
+    """SIGINT (Ctrl-C) mid-training: exit status 130, one line saying what is kept, no traceback, no rank left."""
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(_raw(tmp_path / "run", max_steps=400, checkpoint_every=5)))
+    proc, run_dir = _started_until_a_checkpoint(tmp_path, "unlearn")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    _assert_ranks_end(run_dir)
+    output = (tmp_path / "first.log").read_text()
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
+    assert output.strip().splitlines()[-1].startswith("interrupted: finished stages and complete checkpoints are kept")
+
+
+def test_a_destroyed_model_fails_unlearn_run_once_with_one_error_that_says_what_to_change(tmp_path):
+    """lr=1e3: gradient ascent wrecks the retain set within 5 steps and train.stop.collapse fails the run. The
+    error says so and that resuming cannot help; the ranks are not started again (the error says what to change);
+    Prefect's copies of the error (an ERROR line and a traceback per task and flow) are filtered: one `error:` line."""
+    raw = _raw(tmp_path / "run", "ga", lr=1e3, max_steps=40)
+    raw["eval"] = {"suite": "quick", "models": ["unlearned"]}
+    raw["tracking"] = {"uri": "none"}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    res = subprocess.run([str(UNLEARN), "run", str(tmp_path / "cfg.yaml")], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and "ERROR" not in res.stderr, res.stderr[-3000:]
+    assert "starting them again" not in res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, res.stderr[-3000:]
+    assert "below train.stop.collapse=0.01 of its start: the model is destroyed" in errors[0]
+    assert "resuming with the same settings would fail the same way" in errors[0]
+    assert not list((tmp_path / "run" / "unlearn").glob("*/run_summary.json"))

@@ -42,6 +42,7 @@ def test_a_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoin
     message = str(e.value)
     assert "loss is nan" in message.lower() or "loss is inf" in message.lower() or "loss is -inf" in message.lower()
     assert "train.lr" in message
+    assert "resuming with the same settings would fail the same way" in message  # not "rerun to resume"
     run = next((tmp_path / "unlearn").iterdir())
     failure = json.loads((run / "failure.json").read_text())
     latest = (run / "checkpoints" / "latest").read_text().strip()
@@ -63,11 +64,13 @@ def test_a_job_past_its_time_limit_is_stopped_with_every_rank(tmp_path):
     """train.timeout_s stops the launcher's whole process group: no rank outlives the error."""
     import subprocess
 
-    cfg = config(tmp_path, max_steps=6, timeout_s=2)  # the ranks alone take longer than 2 s to start
-    with pytest.raises(TrainingFailed, match=r"ran past train.timeout_s=2 s and was stopped"):
+    cfg = config(tmp_path, max_steps=6, timeout_s=2, checkpoint_every=3)  # the ranks take longer than 2 s to start
+    with pytest.raises(TrainingFailed, match=r"ran past train.timeout_s=2 s and was stopped") as e:
         unlearn(cfg)
+    # checkpoint_every is set but no checkpoint was reached: the hint says to make one come sooner
+    assert "raise train.timeout_s, or lower train.checkpoint_every=3 so a checkpoint comes sooner" in str(e.value)
     spec = next((tmp_path / "unlearn").iterdir()) / "spec.json"
     left = subprocess.run(["pgrep", "-f", str(spec)], capture_output=True, text=True).stdout.split()
     assert left == []
     # The limit is not part of the run's identity: raising it finishes the same run directory.
-    assert unlearn(config(tmp_path, max_steps=6, timeout_s=600)).run_dir == spec.parent
+    assert unlearn(config(tmp_path, max_steps=6, timeout_s=600, checkpoint_every=3)).run_dir == spec.parent
