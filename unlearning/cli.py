@@ -257,32 +257,35 @@ def _print_report(report: dict[str, Any], uri: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     cfg = _load(args)  # every config, output and tracking problem before Prefect is even imported
-    _quiet_prefect()  # before Prefect is imported: it reads its settings then
+    ready = _prefect()
     from flows.pipeline import pipeline
 
+    ready()
     _print_report(pipeline(cfg.to_dict()), cfg.tracking.uri)
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     cfg = _load(args)
-    _quiet_prefect()  # before Prefect is imported: it reads its settings then
+    ready = _prefect()
     from flows.pipeline import grid_points, parse_grid, sweep
 
     grid = parse_grid([item for group in args.grid or [] for item in group])
     if not grid:
         raise UserError("unlearn sweep needs --grid KEY=V1,V2 ... (e.g. --grid train.lr=1e-4,5e-4 seed=0,1)")
     grid_points(cfg.to_dict(), grid)  # every point validated before the flow starts
+    ready()
     _print_report(sweep(cfg.to_dict(), grid), cfg.tracking.uri)
 
 
 def cmd_sequence(args: argparse.Namespace) -> None:
     cfg = _load(args)
-    _quiet_prefect()  # before Prefect is imported: it reads its settings then
+    ready = _prefect()
     from rich.markdown import Markdown
 
     from flows.sequence import sequence_flow
     from unlearning.tracking import ui_command
 
+    ready()
     result = sequence_flow(cfg.to_dict())
     console = _wide_console(150)  # one column per request: never cut a number
     console.print(Markdown(result["table"]))
@@ -293,14 +296,24 @@ def cmd_sequence(args: argparse.Namespace) -> None:
         console.print(f"MLflow: {browse}{result['mlflow_run']}", markup=False, soft_wrap=True)
 
 
+def _prefect() -> Callable[[], None]:
+    """Prefect for a flow command, before it is imported (it reads its settings then): this process's own
+    temporary API server started (`flows.server`: it dies with `unlearn`, even by SIGKILL) and Prefect
+    quietened. Returns `ready`, to call after the slow imports, before the flow: the server starts meanwhile."""
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from flows.server import own_server
+
+    server = own_server()
+    _quiet_prefect()
+    return server.wait if server else lambda: None
+
+
 def _quiet_prefect() -> None:
     """Prefect's own INFO lines per task run drown the stage output; warnings and errors still show, except the
     task and flow failures that are our `UserError`s: `main` prints those once as `error:` lines, and Prefect's
     copy of each (an ERROR line and a traceback per task, flow and engine) would bury them."""
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-
     import prefect.main  # noqa: F401 (importing Prefect's entry module sets up its logging handlers)
 
     # Prefect's console handler sits on the root logger: its task and flow loggers propagate there.

@@ -60,6 +60,14 @@ def _started_until_a_checkpoint(tmp_path: Path, command: str) -> tuple[subproces
     return proc, ckpts[0].parent
 
 
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped by its new parent, counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _assert_ranks_end(run_dir: Path, within_s: float = 20) -> None:
     deadline = time.monotonic() + within_s
     while _ranks_of(run_dir) and time.monotonic() < deadline:
@@ -127,9 +135,16 @@ def test_sigkill_of_unlearn_run_stops_its_ranks_and_the_same_command_ends_with_t
     raw["tracking"] = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "register_models": False}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
     first, run_dir = _started_until_a_checkpoint(tmp_path, "run")
+    server = subprocess.run(["pgrep", "-P", str(first.pid), "-f", "prefect.server.api.server:create_app"],
+                            capture_output=True, text=True).stdout.split()
+    assert len(server) == 1  # unlearn's own temporary Prefect server (flows.server)
     os.kill(first.pid, signal.SIGKILL)  # what `kill -9 <pid of unlearn run>` does
     first.wait()
     _assert_ranks_end(run_dir)  # the launcher and both ranks died with it
+    deadline = time.monotonic() + 10
+    while _alive(int(server[0])) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(int(server[0]))  # and so did the Prefect server
     assert not (run_dir / "run_summary.json").exists()
 
     again = subprocess.run([str(UNLEARN), "run", str(tmp_path / "cfg.yaml")], cwd=tmp_path, capture_output=True,
