@@ -89,6 +89,9 @@ def output_problems(out: Path) -> list[str]:
                 "output_dir=<directory>"]
     if not os.access(probe, os.W_OK | os.X_OK):
         what = "the output directory" if probe == out else f"{probe}, where it would be created,"
-        return [f"output_dir {out}: {what} is not writable by this user; choose another output_dir=<directory> "
-                "or fix its permissions"]
+        report = out / "report" / "report.md"
+        kept = f" (its last report is readable as it is: {report})" if report.is_file() else ""
+        return [f"output_dir {out}: {what} is not writable by this user, and every run writes to it (even a fully "
+                f"cached one rewrites its report and resolved config){kept}; choose another "
+                "output_dir=<directory> or fix its permissions"]
     return []

@@ -67,6 +67,16 @@ def test_an_empty_answer_names_its_row(tmp_path, answer):
              "split 'forget' row 3: the answer ('answer') is empty or missing")
 
 
+def test_a_row_or_a_file_without_an_answer_is_named(tmp_path):
+    rows = [dict(r) for r in FORGET]
+    del rows[0]["answer"]
+    _refused(_cli(tmp_path, _files(tmp_path, "\n".join(json.dumps(r) for r in rows))),
+             "split 'forget' row 1: the answer ('answer') is empty or missing")
+    only_questions = "\n".join(json.dumps({"question": r["question"]}) for r in FORGET)
+    _refused(_cli(tmp_path, _files(tmp_path, only_questions)),
+             "split 'forget' has no column 'answer'", "map it with data.columns.answer=<column>")
+
+
 def test_a_nan_answer_in_a_csv_names_its_row(tmp_path):
     lines = ["question,answer", *(f"{r['question']},{r['answer']}" for r in FORGET)]
     lines[3] = "Where was F2 born?,"
@@ -143,6 +153,22 @@ def test_an_unwritable_output_directory_is_refused_before_any_stage(tmp_path, mo
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode))
     _refused(_cli(tmp_path, pico_raw(locked / "run"), "prepare"), "where it would be created, is not writable")
     assert not (locked / "run").exists()
+
+
+def test_a_finished_output_directory_made_read_only_is_refused_and_points_at_its_report(tmp_path, monkeypatch):
+    """FAIL 9's cached case: every run writes (the report, the resolved config), so a read-only one is refused
+    before any stage, by `run` as by the others, naming the report that is still there to read."""
+    out = tmp_path / "run"
+    (out / "report").mkdir(parents=True)
+    (out / "report" / "report.md").write_text("# the last report")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != out and real_access(path, mode))
+    raw = pico_raw(out)
+    raw["tracking"] = {"uri": "none"}
+    for command in ("run", "eval"):
+        _refused(_cli(tmp_path, raw, command), "the output directory is not writable by this user",
+                 f"its last report is readable as it is: {out / 'report' / 'report.md'}")
+    assert sorted(p.name for p in out.iterdir()) == ["report"]  # nothing written, nothing lost
 
 
 def test_an_output_directory_under_a_file_is_refused(tmp_path):

@@ -1,5 +1,6 @@
-"""Fault-injection corpus, processes: ranks killed mid-checkpoint, `unlearn` killed with SIGKILL, two runs of one
-config at once, a rank that crashes natively after its job finished. Real ranks, a real flow; every signal is
+"""Fault-injection corpus, processes: ranks killed mid-checkpoint, `unlearn` killed with SIGKILL or stopped by
+Ctrl-C, two runs of one config at once, a rank that crashes natively after its job finished, a diverging or
+destroyed model, a job past its time limit. Real ranks, a real flow; every signal is
 sent by the test (or by a rank to itself at a chosen point, through the UNLEARN_FAULT_* variables)."""
 
 from __future__ import annotations
@@ -193,3 +194,32 @@ def test_a_destroyed_model_fails_unlearn_run_once_with_one_error_that_says_what_
     assert "below train.stop.collapse=0.01 of its start: the model is destroyed" in errors[0]
     assert "resuming with the same settings would fail the same way" in errors[0]
     assert not list((tmp_path / "run" / "unlearn").glob("*/run_summary.json"))
+
+
+def test_a_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path):
+    cfg = validate_config(_raw(tmp_path, "ga", lr=1e30, max_steps=8, checkpoint_every=1))
+    with pytest.raises(TrainingFailed) as e:
+        unlearn(cfg)
+    message = str(e.value)
+    assert "loss is nan" in message.lower() or "loss is inf" in message.lower() or "loss is -inf" in message.lower()
+    assert "train.lr" in message
+    assert "resuming with the same settings would fail the same way" in message  # not "rerun to resume"
+    run = next((tmp_path / "unlearn").iterdir())
+    failure = json.loads((run / "failure.json").read_text())
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    assert failure["last_checkpoint"] == latest and (run / "checkpoints" / latest).is_dir()
+    assert not (run / "run_summary.json").exists()
+
+
+def test_a_job_past_its_time_limit_is_stopped_with_every_rank(tmp_path):
+    """train.timeout_s stops the launcher's whole process group: no rank outlives the error."""
+    cfg = validate_config(_raw(tmp_path, max_steps=6, timeout_s=2, checkpoint_every=3))  # ranks take > 2 s to start
+    with pytest.raises(TrainingFailed, match=r"ran past train.timeout_s=2 s and was stopped") as e:
+        unlearn(cfg)
+    # checkpoint_every is set but no checkpoint was reached: the hint says to make one come sooner
+    assert "raise train.timeout_s, or lower train.checkpoint_every=3 so a checkpoint comes sooner" in str(e.value)
+    spec = next((tmp_path / "unlearn").iterdir()) / "spec.json"
+    assert _ranks_of(spec.parent) == []
+    # The limit is not part of the run's identity: raising it finishes the same run directory.
+    again = unlearn(validate_config(_raw(tmp_path, max_steps=6, timeout_s=600, checkpoint_every=3)))
+    assert again.run_dir == spec.parent
