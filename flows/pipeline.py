@@ -29,6 +29,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 import unlearning
+from flows.mlflow_view import headline_metrics, labelled_history, run_title, table_view
 from unlearning import stages
 from unlearning.config import (
     ExperimentConfig,
@@ -234,8 +235,11 @@ def run_stages(cfg: ExperimentConfig, tracker: NullTracker, tag: str = ""
     with tracker.run("prepare", nested=True):
         prepared = call(prepare_task, prepare_key, "prepare", "prepare", cfg, retries=cfg.pipeline.retries)
         tracker.set_tags({"data_fingerprint": prepared.fingerprint})
-        tracker.log_metrics({f"{split}_items": n for split, n in prepared.info()["counts"].items()})
+        counts = prepared.info()["counts"]
+        tracker.log_metrics({f"{split}_items": n for split, n in counts.items()})
+        tracker.log_dataset(cfg.name, prepared.fingerprint, prepared.path, counts)
     tracker.set_tags({"data_fingerprint": prepared.fingerprint})
+    tracker.log_dataset(cfg.name, prepared.fingerprint, prepared.path, counts)
     raise_if(stages.preflight(cfg, prepared))  # every config/data problem, before any model is built
 
     roles = {entry for entry in cfg.eval.models if "=" not in entry}
@@ -261,7 +265,10 @@ def run_stages(cfg: ExperimentConfig, tracker: NullTracker, tag: str = ""
                 tracker.log_history(done.summary["losses"])
                 tracker.log_metrics({k: done.summary[k] for k in ("steps", "tokens_per_s", "peak_rss_mb", "train_s")})
                 tracker.log_artifact(done.run_dir / "run_summary.json")
-            models = stages.run_models(label, done, cfg)
+                models = stages.run_models(label, done, cfg)
+                for name, path in models.items() if cfg.tracking.log_models else ():
+                    tracker.log_model(path, name, model_identity(path), flatten({"method": run.method.model_dump()}))
+            tracker.log_history(labelled_history(label, done.summary["losses"]))  # one chart per method up here
             paths.update(models)
             expanded["unlearned"] += list(models)
     if "merged" in roles:
@@ -346,7 +353,8 @@ def write_report(out: Path, title: str, by_seed: SeedEvals, tracker: NullTracker
               "spread": {label: {k: [v.low, v.high] for k, v in m.items()} for label, m in summary.items()},
               "per_seed": per_seed(lambda r: r.metrics), "noise_floor": floor,
               "eval": per_seed(lambda r: str(r.eval_dir / "eval.json")), "models": per_seed(lambda r: str(r.path)),
-              "stages": states, "mlflow_run": link, "mlflow_ui": command if link else None,
+              "stages": states, "mlflow_run": link, "mlflow_compare": tracker.compare_url(),
+              "mlflow_ui": command if link else None,
               "robustness": robust or None}
     write_atomic(out / "report.json", json.dumps(report, indent=2))
     for name in ("report.md", "report.json"):
@@ -418,7 +426,7 @@ def pipeline(config: dict[str, Any] | str, overrides: list[str] | None = None) -
     cfg = validate_config(resolve(config, overrides))
     raise_if(output_problems(cfg.out) + tracking_problems(cfg.tracking.uri))  # before any MLflow run or stage
     tracker = tracker_for(cfg.tracking.uri, cfg.tracking.experiment or cfg.name)
-    with tracker.run(cfg.name, tags=run_tags()):
+    with tracker.run(run_title(cfg), tags=run_tags()):
         tracker.log_params(flatten(cfg.to_dict()))
         (cfg.out).mkdir(parents=True, exist_ok=True)
         write_atomic(cfg.out / "config.resolved.json", json.dumps(cfg.to_dict(), indent=2))
@@ -427,6 +435,10 @@ def pipeline(config: dict[str, Any] | str, overrides: list[str] | None = None) -
         report = write_report(cfg.out / "report", cfg.name, by_seed, tracker, states,
                               tuple(cfg.eval.references), attacked)
         report["registered"] = register(cfg, by_seed, report["best"], tracker)
+        headline = headline_metrics(report["metrics"])
+        tracker.log_metrics(headline)
+        tracker.show_in_runs_table(table_view(headline))  # the runs table's columns: the trade-off's two axes
+        tracker.set_description((cfg.out / "report" / "report.md").read_text())
     return report
 
 

@@ -251,6 +251,9 @@ def _print_report(report: dict[str, Any], uri: str) -> None:
     if report.get("mlflow_run"):
         browse = f"{command}   then open {report['mlflow_run']}" if command else f"open {report['mlflow_run']}"
         console.print(f"MLflow: {browse}", markup=False, soft_wrap=True)
+        if report.get("mlflow_compare"):
+            console.print(f"MLflow, every run of this experiment side by side: {report['mlflow_compare']}",
+                          markup=False, soft_wrap=True)
     elif uri:
         console.print(f"MLflow: {ui_url(uri)}", markup=False)
 

@@ -400,6 +400,9 @@ class TrackingConfig(Strict):
                                          "and best unlearned model (aliases); default: the config's name")
     register_models: bool = Field(True, description="register those models (their weights are copied to the "
                                   "artifact store)")
+    log_models: bool = Field(True, description="log every unlearned checkpoint as an MLflow logged model, an "
+                             "output of its unlearn run (its weights are copied to the artifact store once; a "
+                             "cached rerun links the same model)")
 
     @pydantic.field_validator("uri")
     @classmethod

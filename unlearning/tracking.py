@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,7 +20,22 @@ from unlearning.outputs import nearest_existing
 from unlearning.train.lifetime import alive
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+MAX_TAG_CHARS = 8000  # and on a tag value
+# The experiment tag that picks the UI's view: the training one (runs, metrics, models), not the GenAI one
+# (traces, sessions) an untagged experiment gets. MLflow ≥ 3.10 also keeps a global GenAI/training switch that
+# the links we print set (`?workflowType=machine_learning`), since it overrides the tag there.
+EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+TRAINING_VIEW = "workflowType=machine_learning"
+# A runs-table view the UI loads from an experiment tag (`?viewStateShareKey=<key>`, MLflow's "share view"): the
+# columns it shows. Ours shows every top-level run's headline metrics, so runs compare without expanding anything.
+RUNS_VIEW, RUNS_VIEW_TAG = "unlearning", "mlflow.sharedViewState.unlearning"
 BATCH = 1000  # MLflow's limit on metrics per log_batch call
+
+
+def metric_key(name: str) -> str:
+    """`name` as an MLflow metric name: the characters MLflow refuses (such as the `@` of a snapshot's label,
+    `ga@step2`) become `_`."""
+    return re.sub(r"[^\w\-. :/]", "_", name)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -59,7 +75,20 @@ class NullTracker:
                        ) -> str | None:
         return None
 
+    def log_dataset(self, name: str, digest: str, source: Path, profile: Mapping[str, Any]) -> None: ...
+
+    def log_model(self, path: Path, name: str, identity: str, params: Mapping[str, Any] | None = None
+                  ) -> str | None:
+        return None
+
+    def set_description(self, markdown: str) -> None: ...
+
+    def show_in_runs_table(self, metrics: Sequence[str]) -> None: ...
+
     def run_url(self) -> str | None:
+        return None
+
+    def compare_url(self) -> str | None:
         return None
 
 
@@ -88,6 +117,8 @@ class MlflowTracker(NullTracker):
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        if not found or EXPERIMENT_KIND not in found.tags:  # a kind someone chose in the UI stays
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND, TRAINING_KIND)
         self._stack: list[str] = []
 
     @property
@@ -150,7 +181,7 @@ class MlflowTracker(NullTracker):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
+        items = [Metric(metric_key(k), float(v), now, step or 0) for k, v in metrics.items()
                  if v is not None and float(v) == float(v) and abs(float(v)) != float("inf")]
         for i in range(0, len(items), BATCH):
             self.client.log_batch(self._current(), metrics=items[i:i + BATCH])
@@ -160,7 +191,7 @@ class MlflowTracker(NullTracker):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, int(row[step_key])) for row in rows for k, v in row.items()
+        items = [Metric(metric_key(k), float(v), now, int(row[step_key])) for row in rows for k, v in row.items()
                  if k != step_key and isinstance(v, int | float)]
         for i in range(0, len(items), BATCH):
             self.client.log_batch(self._current(), metrics=items[i:i + BATCH])
@@ -203,9 +234,72 @@ class MlflowTracker(NullTracker):
             self.client.set_registered_model_alias(name, alias, version)
         return str(version)
 
+    def log_dataset(self, name: str, digest: str, source: Path, profile: Mapping[str, Any]) -> None:
+        """The prepared data as the current run's dataset input: `digest` (its fingerprint) says which data it
+        was, `source` where it lies, `profile` its split sizes (the UI's Datasets column and panel)."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": str(source)}),
+                          profile=json.dumps(dict(profile)))
+        self.client.log_inputs(self._current(), datasets=[
+            DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "train")])])
+
+    def log_model(self, path: Path, name: str, identity: str, params: Mapping[str, Any] | None = None
+                  ) -> str | None:
+        """The checkpoint directory `path` as a logged model named `name`, an output of the current run and of the
+        runs above it; its id.
+
+        A checkpoint already logged in this experiment (same `identity`: a rerun served from the cache) is
+        linked to the current run as it is, without uploading its weights again."""
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+        run_id = self._current()
+        found = self.client.search_logged_models([self.experiment_id], max_results=1,
+                                                 filter_string=f"tags.identity = '{identity}'")
+        if found:
+            model_id = found[0].model_id
+        else:
+            model = self.client.create_logged_model(self.experiment_id, name=name, source_run_id=run_id,
+                                                    tags={"identity": identity, "path": str(path)},
+                                                    params={k: str(v)[:MAX_PARAM_CHARS] for k, v in
+                                                            (params or {}).items()}, model_type="unlearned")
+            model_id = model.model_id
+            self.client.log_model_artifacts(model_id, str(path))
+            self.client.finalize_logged_model(model_id, LoggedModelStatus.READY)
+        for run in self._stack:  # the run that trained it and the runs above (the runs table's Models column)
+            self.client.log_outputs(run, [LoggedModelOutput(model_id, 0)])
+        return model_id
+
+    def set_description(self, markdown: str) -> None:
+        """The current run's description (the UI's Description panel), cut to MLflow's tag limit."""
+        from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
+        if len(markdown) > MAX_TAG_CHARS:
+            markdown = markdown[:MAX_TAG_CHARS - 80] + "\n\n… (cut here: the whole report is the artifact report.md)"
+        self.client.set_tag(self._current(), MLFLOW_RUN_NOTE, markdown)
+
+    def show_in_runs_table(self, metrics: Sequence[str]) -> None:
+        """Add `metrics` to the columns of the experiment's runs-table view (`compare_url`), after the ones that
+        earlier runs added: the Dataset and Models columns, then the metrics."""
+        import json
+
+        found = self.client.get_experiment(self.experiment_id).tags.get(RUNS_VIEW_TAG)
+        columns = ["attributes.`Dataset`", "attributes.`Models`"]
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            columns = list(json.loads(found or "")["selectedColumns"])
+        columns += [c for c in (f"metrics.`{metric_key(m)}`" for m in metrics) if c not in columns]
+        self.client.set_experiment_tag(self.experiment_id, RUNS_VIEW_TAG, json.dumps({"selectedColumns": columns}))
+
     def run_url(self) -> str | None:
-        """The current run's page in the MLflow UI."""
-        return f"{ui_url(self.uri)}/#/experiments/{self.experiment_id}/runs/{self._current()}"
+        """The current run's page in the MLflow UI (its training view)."""
+        return f"{ui_url(self.uri)}/#/experiments/{self.experiment_id}/runs/{self._current()}?{TRAINING_VIEW}"
+
+    def compare_url(self) -> str | None:
+        """The experiment's runs table with the headline metric columns (`show_in_runs_table`)."""
+        return (f"{ui_url(self.uri)}/#/experiments/{self.experiment_id}/runs?{TRAINING_VIEW}"
+                f"&viewStateShareKey={RUNS_VIEW}")
 
 
 def tracking_problems(uri: str, timeout_s: float = 5.0) -> list[str]:

@@ -20,6 +20,12 @@ def harness():
         yield
 
 
+def _top(runs: dict) -> object:
+    """The pipeline's top-level run among `runs` (name → run)."""
+    (top,) = [r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags]
+    return top
+
+
 def _raw(tmp_path, **train):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     return pico_raw(tmp_path / "run", model={"finetune": MEMORISE},
@@ -48,8 +54,9 @@ def test_pipeline_tracks_every_stage_caches_a_rerun_and_reruns_only_what_changed
     names = {r.info.run_name: r for r in runs}
     stage_runs = {"prepare", "build-models", "train", "unlearn-ga", "unlearn-npo_a", "merge",
                   *(f"eval-{x}" for x in labels)}
-    assert stage_runs | {"pico"} == set(names)
-    parent = names["pico"]
+    title = "pico · lr 0.001, 0.002 · ga, npo_a · 1 seed"  # the run name says what ran
+    assert stage_runs | {title} == set(names)
+    parent = names[title]
     assert all(names[n].data.tags["mlflow.parentRunId"] == parent.info.run_id for n in stage_runs)
     assert all(names[n].info.status == "FINISHED" for n in names)
     for label in labels:
@@ -63,6 +70,22 @@ def test_pipeline_tracks_every_stage_caches_a_rerun_and_reruns_only_what_changed
     assert parent.data.tags["data_fingerprint"] == names["prepare"].data.tags["data_fingerprint"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"report.md", "report.json", "tradeoff.png", "config.resolved.json", "models"} <= artifacts
+    # What the MLflow UI shows without expanding anything (tests/e2e/test_mlflow_ui.py looks in a browser).
+    assert client.get_experiment(experiment).tags["mlflow.experimentKind"] == "custom_model_development"
+    for label in labels:
+        for metric in ("forget_quality", "model_utility"):
+            value = report["metrics"][label][metric]
+            assert parent.data.metrics.get(f"{label}.{metric}") == (None if value is None else pytest.approx(value))
+    assert parent.data.tags["mlflow.note.content"] == (tmp_path / "run/report/report.md").read_text()
+    assert [d.dataset.digest for d in parent.inputs.dataset_inputs] == [parent.data.tags["data_fingerprint"]]
+    assert [d.dataset.digest for d in names["prepare"].inputs.dataset_inputs] == [parent.data.tags["data_fingerprint"]]
+    assert [m.step for m in client.get_metric_history(parent.info.run_id, "npo_a.loss")] == [1, 2, 3]
+    logged = {m.name: m for m in client.search_logged_models([experiment])}
+    assert set(logged) == {"ga", "npo_a"}
+    for label in ("ga", "npo_a"):
+        assert logged[label].source_run_id == names[f"unlearn-{label}"].info.run_id
+        assert [o.model_id for o in names[f"unlearn-{label}"].outputs.model_outputs] == [logged[label].model_id]
+        assert "model.safetensors" in {a.path for a in client.list_logged_model_artifacts(logged[label].model_id)}
     registered = raw["name"]
     for alias in ("target", "oracle", "best"):
         version = client.get_model_version_by_alias(registered, alias)
@@ -73,6 +96,7 @@ def test_pipeline_tracks_every_stage_caches_a_rerun_and_reruns_only_what_changed
     assert set(again["stages"]) == set(report["stages"]) and set(again["stages"].values()) == {"Cached"}
     assert again["metrics"] == report["metrics"]
     assert len(client.search_model_versions(f"name = '{registered}'")) == len({*report["registered"].values()})
+    assert len(client.search_logged_models([experiment])) == 2  # the cached checkpoints linked, not uploaded again
 
     # One method's parameter changed: that method trains (alone in the launch) and is evaluated again; nothing
     # else runs.
@@ -80,6 +104,7 @@ def test_pipeline_tracks_every_stage_caches_a_rerun_and_reruns_only_what_changed
     changed = pipeline(raw)
     ran = {name for name, state in changed["stages"].items() if state != "Cached"}
     assert ran == {"train", "unlearn-npo_a", "eval-npo_a"}
+    assert sorted(m.name for m in client.search_logged_models([experiment])) == ["ga", "npo_a", "npo_a"]
     npo = Path(changed["models"]["0"]["npo_a"]).parent
     assert not (npo / "launch.log").exists() and (npo / "train.log").read_text().count("$ ") == 1
 
@@ -99,7 +124,7 @@ def test_a_failed_stage_fails_the_run_clearly_and_the_rerun_resumes(tmp_path, ha
     assert "the last complete checkpoint is step2" in message and "rerun" in message
     client = MlflowClient(uri)
     runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("pico").experiment_id])}
-    assert runs["train"].info.status == "FAILED" and runs["pico"].info.status == "FAILED"
+    assert runs["train"].info.status == "FAILED" and _top(runs).info.status == "FAILED"
     assert runs["build-models"].info.status == "FINISHED"
 
     monkeypatch.delenv(KILL_ENV)
@@ -219,5 +244,5 @@ def test_seeds_repeat_every_stage_and_the_report_gives_medians_ranges_and_the_no
     seed1 = next(r for r in by_name["attack-choice"] if r.data.tags["mlflow.parentRunId"] == seed_runs["1"])
     assert seed1.data.metrics["ga.forget_quality"] == pytest.approx(robust["per_seed"]["1"]["ga"][
         "choice/forget_quality"])
-    parent = by_name["pico"][0].info.run_id
+    parent = _top({r.info.run_id: r for r in runs}).info.run_id
     assert "robustness.png" in {a.path for a in client.list_artifacts(parent)}

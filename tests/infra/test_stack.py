@@ -7,7 +7,6 @@ Skipped where PostgreSQL's server binaries are missing (Debian: `apt-get install
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import os
@@ -16,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +23,7 @@ import pytest
 import yaml
 
 from tests.conftest import MEMORISE, REPO, pico_raw
+from tests.servers import server, stop
 from unlearning.train.launch import free_port
 
 pytestmark = pytest.mark.infra
@@ -35,41 +34,6 @@ PG_BIN = next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True))
 def _as_postgres(argv: list[str]) -> list[str]:
     """PostgreSQL refuses to run as root: as root, run its tools as the `postgres` user."""
     return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
-
-
-def _wait(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: the server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as r:
-            if r.status == 200:
-                return
-        time.sleep(1)
-    raise RuntimeError(f"{url} did not answer in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM to the process group, SIGKILL if it is still there after 30 s."""
-    for sig in (15, 9):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=30)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-@contextlib.contextmanager
-def _server(argv: list[str], env: dict[str, str], log: Path, health: str) -> Iterator[None]:
-    with log.open("w") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        _wait(health, proc, log)
-        yield
-    finally:
-        _stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +65,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
                        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
         prefect_env.pop("PREFECT_API_URL", None)
         mlflow_env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": f"postgresql+psycopg2://{dsn}/mlflow"}
-        with (_server([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
+        with (server([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
                       prefect_env, base / "prefect.log", f"http://127.0.0.1:{prefect_port}/api/health"),
-              _server([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+              server([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
                        "--workers", "1", "--artifacts-destination", str(base / "mlartifacts")],
                       mlflow_env, base / "mlflow.log", f"http://127.0.0.1:{mlflow_port}/health")):
             yield {"base": str(base), "prefect": f"http://127.0.0.1:{prefect_port}/api",
@@ -144,7 +108,7 @@ def test_a_deployed_pipeline_runs_on_a_worker_and_reports_to_both_servers(stack,
                                f"config={config}", "--watch", "--watch-timeout", "900"], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=960)
     finally:
-        _stop(worker)
+        stop(worker)
     worker_log = (tmp_path / "worker.log").read_text()[-4000:]
     assert done.returncode == 0 and "Completed" in done.stdout, f"{done.stdout}\n{done.stderr}\n{worker_log}"
     request = urllib.request.Request(f"{stack['prefect']}/flow_runs/filter", data=json.dumps({}).encode(),
@@ -155,8 +119,9 @@ def test_a_deployed_pipeline_runs_on_a_worker_and_reports_to_both_servers(stack,
 
     client = MlflowClient(stack["mlflow"])
     runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("pico").experiment_id])}
-    assert runs["pico"].info.status == "FINISHED"
-    assert runs["pico"].data.tags["prefect_flow_run_id"] == flow_runs[0]["id"]
+    (top,) = [r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags]
+    assert top.info.status == "FINISHED" and top.info.run_name.startswith("pico · ")
+    assert top.data.tags["prefect_flow_run_id"] == flow_runs[0]["id"]
     for label in ("target", "npo", "merged_l2"):
         assert {"forget_quality", "model_utility"} <= set(runs[f"eval-{label}"].data.metrics)
     assert client.get_model_version_by_alias("pico", "oracle").tags["label"] == "oracle"

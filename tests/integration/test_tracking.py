@@ -60,3 +60,41 @@ def test_other_ranks_and_no_uri_get_the_null_tracker(tmp_path):
     assert isinstance(tracker_for(f"sqlite:///{tmp_path / 'm.db'}", "x", rank=1), NullTracker)
     assert type(tracker_for(None, "x")) is NullTracker
     assert not (tmp_path / "m.db").exists()
+
+
+def test_the_runs_table_view_gathers_every_runs_columns_and_a_long_description_is_cut(tmp_path):
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from flows.mlflow_view import headline_metrics, labelled_history, table_view
+    from unlearning.tracking import EXPERIMENT_KIND, RUNS_VIEW_TAG
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    headline = headline_metrics({"ga": {"forget_quality": 0.2, "model_utility": 0.9, "privleak": 3.0},
+                                 "oracle": {"forget_quality": None, "model_utility": 0.8}})
+    assert table_view(headline) == ["ga.forget_quality", "ga.model_utility", "oracle.model_utility"]
+    assert labelled_history("ga", [{"step": 1, "loss": 2.0}]) == [{"step": 1, "ga.loss": 2.0}]
+    tracker = MlflowTracker(uri, "unit")
+    with tracker.run("first"):
+        tracker.show_in_runs_table(table_view(headline))
+        tracker.set_description("x" * 9000)
+        run = tracker.run_id
+    with tracker.run("second"):
+        tracker.show_in_runs_table(["npo.model_utility", "ga.model_utility", "ga@step2.model_utility"])
+        tracker.log_metrics({"ga@step2.model_utility": 0.5})  # a snapshot's label: `@` is no MLflow name
+        assert tracker.compare_url().endswith("/runs?workflowType=machine_learning&viewStateShareKey=unlearning")
+    client = MlflowClient(uri)
+    tags = client.get_experiment(tracker.experiment_id).tags
+    assert tags[EXPERIMENT_KIND] == "custom_model_development"
+    assert json.loads(tags[RUNS_VIEW_TAG])["selectedColumns"] == [
+        "attributes.`Dataset`", "attributes.`Models`", "metrics.`ga.forget_quality`", "metrics.`ga.model_utility`",
+        "metrics.`oracle.model_utility`", "metrics.`npo.model_utility`", "metrics.`ga_step2.model_utility`"]
+    second = client.search_runs([tracker.experiment_id], filter_string="attributes.run_name = 'second'")[0]
+    assert second.data.metrics == {"ga_step2.model_utility": 0.5}
+    note = client.get_run(run).data.tags["mlflow.note.content"]
+    assert len(note) <= 8000 and note.endswith("the whole report is the artifact report.md)")
+    # A kind someone set stays.
+    client.set_experiment_tag(tracker.experiment_id, EXPERIMENT_KIND, "genai_development")
+    MlflowTracker(uri, "unit")
+    assert client.get_experiment(tracker.experiment_id).tags[EXPERIMENT_KIND] == "genai_development"
