@@ -22,17 +22,19 @@ def run_title(cfg: ExperimentConfig) -> str:
     return " · ".join([*parts, f"{seeds} seed{'s' if seeds > 1 else ''}"])
 
 
-def headline_metrics(medians: Mapping[str, Mapping[str, float | None]]) -> dict[str, float | None]:
+TABLE_VIEW = ("forget_quality", "model_utility")  # the runs-table view's columns: the trade-off plot's axes
+
+
+def headline_metrics(medians: Mapping[str, Mapping[str, float | None]], metrics: Sequence[str] = COLUMNS
+                     ) -> dict[str, float | None]:
     """`<model>.<metric>` for the report table's metrics (medians over seeds): one column per model and metric
-    on the top-level run, so two pipeline runs compare side by side."""
-    return {f"{label}.{metric}": values.get(metric) for label, values in medians.items() for metric in COLUMNS}
+    on the top-level run, so two pipeline runs compare side by side. None where a model has no value."""
+    return {f"{label}.{metric}": values.get(metric) for label, values in medians.items() for metric in metrics}
 
 
-def table_view(headline: Mapping[str, float | None], metrics: tuple[str, ...] = ("forget_quality", "model_utility")
-               ) -> list[str]:
-    """The headline columns the runs-table view shows (every model's forget quality and utility: the trade-off
-    plot's axes), of those this run has."""
-    return [key for key, value in headline.items() if value is not None and key.rpartition(".")[2] in metrics]
+def table_view(medians: Mapping[str, Mapping[str, float | None]]) -> list[str]:
+    """The headline metrics the runs-table view shows (`TABLE_VIEW`), of those this run has a value for."""
+    return [key for key, value in headline_metrics(medians, TABLE_VIEW).items() if value is not None]
 
 
 def labelled_history(label: str, rows: Sequence[Mapping[str, Any]], step_key: str = "step"

@@ -347,6 +347,7 @@ def write_report(out: Path, title: str, by_seed: SeedEvals, tracker: NullTracker
         text += "\n" + robust["markdown"]
     plots = f"Plot: {plot}\n" + (f"Robustness plot: {robust['plot']}\n" if robust else "")
     (out / "report.md").write_text(f"{text}\n{plots}")
+    tracker.set_description(f"{text}\n{plots}")
     link, command = tracker.run_url(), ui_command(getattr(tracker, "uri", ""))
     report = {"title": title, "table": table, "best": best, "why": why, "plot": str(plot),
               "seeds": list(by_seed), "metrics": medians(summary),
@@ -435,10 +436,8 @@ def pipeline(config: dict[str, Any] | str, overrides: list[str] | None = None) -
         report = write_report(cfg.out / "report", cfg.name, by_seed, tracker, states,
                               tuple(cfg.eval.references), attacked)
         report["registered"] = register(cfg, by_seed, report["best"], tracker)
-        headline = headline_metrics(report["metrics"])
-        tracker.log_metrics(headline)
-        tracker.show_in_runs_table(table_view(headline))  # the runs table's columns: the trade-off's two axes
-        tracker.set_description((cfg.out / "report" / "report.md").read_text())
+        tracker.log_metrics(headline_metrics(report["metrics"]))
+        tracker.show_in_runs_table(table_view(report["metrics"]))
     return report
 
 

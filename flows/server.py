@@ -20,7 +20,6 @@ import atexit
 import contextlib
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import IO
 
 from unlearning.errors import UserError
+from unlearning.train.launch import free_port
 from unlearning.train.lifetime import orphan_proof
 
 HOST = "127.0.0.1"
@@ -72,12 +72,6 @@ class TemporaryServer:
         self._log.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
 def _prefect_dir() -> Path:
     """Where the prefect package is installed (uvicorn's --app-dir), found without importing it."""
     spec = importlib.util.find_spec("prefect")
@@ -88,7 +82,7 @@ def _prefect_dir() -> Path:
 
 def start() -> TemporaryServer:
     """Start the server (not waiting for it) and point PREFECT_API_URL at it."""
-    port = _free_port()
+    port = free_port()
     argv = [sys.executable, "-m", "uvicorn", "--app-dir", str(_prefect_dir()), "--factory",
             "prefect.server.api.server:create_app", "--host", HOST, "--port", str(port), "--log-level", "error",
             "--lifespan", "on"]

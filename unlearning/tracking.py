@@ -22,8 +22,8 @@ from unlearning.train.lifetime import alive
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 MAX_TAG_CHARS = 8000  # and on a tag value
 # The experiment tag that picks the UI's view: the training one (runs, metrics, models), not the GenAI one
-# (traces, sessions) an untagged experiment gets. MLflow ≥ 3.10 also keeps a global GenAI/training switch that
-# the links we print set (`?workflowType=machine_learning`), since it overrides the tag there.
+# (traces, sessions) an untagged experiment gets. MLflow 3.17 (the locked version) also keeps a global
+# GenAI/training switch that overrides the tag; the links we print set it (`?workflowType=machine_learning`).
 EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 TRAINING_VIEW = "workflowType=machine_learning"
 # A runs-table view the UI loads from an experiment tag (`?viewStateShareKey=<key>`, MLflow's "share view"): the
@@ -77,7 +77,7 @@ class NullTracker:
 
     def log_dataset(self, name: str, digest: str, source: Path, profile: Mapping[str, Any]) -> None: ...
 
-    def log_model(self, path: Path, name: str, identity: str, params: Mapping[str, Any] | None = None
+    def log_model(self, path: Path, name: str, identity: str, params: Mapping[str, str] | None = None
                   ) -> str | None:
         return None
 
@@ -246,10 +246,10 @@ class MlflowTracker(NullTracker):
         self.client.log_inputs(self._current(), datasets=[
             DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "train")])])
 
-    def log_model(self, path: Path, name: str, identity: str, params: Mapping[str, Any] | None = None
+    def log_model(self, path: Path, name: str, identity: str, params: Mapping[str, str] | None = None
                   ) -> str | None:
         """The checkpoint directory `path` as a logged model named `name`, an output of the current run and of the
-        runs above it; its id.
+        runs above it; its id. `params`: as `flatten` gives them.
 
         A checkpoint already logged in this experiment (same `identity`: a rerun served from the cache) is
         linked to the current run as it is, without uploading its weights again."""
@@ -263,8 +263,7 @@ class MlflowTracker(NullTracker):
         else:
             model = self.client.create_logged_model(self.experiment_id, name=name, source_run_id=run_id,
                                                     tags={"identity": identity, "path": str(path)},
-                                                    params={k: str(v)[:MAX_PARAM_CHARS] for k, v in
-                                                            (params or {}).items()}, model_type="unlearned")
+                                                    params=dict(params or {}), model_type="unlearned")
             model_id = model.model_id
             self.client.log_model_artifacts(model_id, str(path))
             self.client.finalize_logged_model(model_id, LoggedModelStatus.READY)

@@ -174,6 +174,7 @@ def test_ctrl_c_of_unlearn_stops_its_ranks_and_says_so_in_one_line(tmp_path):
     output = (tmp_path / "first.log").read_text()
     assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
     assert output.strip().splitlines()[-1].startswith("interrupted: finished stages and complete checkpoints are kept")
+    assert complete_tags(run_dir / "checkpoints") and not (run_dir / "run_summary.json").exists()
 
 
 def test_a_destroyed_model_fails_unlearn_run_once_with_one_error_that_says_what_to_change(tmp_path):

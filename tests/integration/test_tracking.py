@@ -71,13 +71,15 @@ def test_the_runs_table_view_gathers_every_runs_columns_and_a_long_description_i
     from unlearning.tracking import EXPERIMENT_KIND, RUNS_VIEW_TAG
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    headline = headline_metrics({"ga": {"forget_quality": 0.2, "model_utility": 0.9, "privleak": 3.0},
-                                 "oracle": {"forget_quality": None, "model_utility": 0.8}})
-    assert table_view(headline) == ["ga.forget_quality", "ga.model_utility", "oracle.model_utility"]
+    medians = {"ga": {"forget_quality": 0.2, "model_utility": 0.9, "privleak": 3.0},
+               "oracle": {"forget_quality": None, "model_utility": 0.8}}
+    headline = headline_metrics(medians)
+    assert headline["ga.privleak"] == 3.0 and headline["oracle.forget_quality"] is None
+    assert table_view(medians) == ["ga.forget_quality", "ga.model_utility", "oracle.model_utility"]
     assert labelled_history("ga", [{"step": 1, "loss": 2.0}]) == [{"step": 1, "ga.loss": 2.0}]
     tracker = MlflowTracker(uri, "unit")
     with tracker.run("first"):
-        tracker.show_in_runs_table(table_view(headline))
+        tracker.show_in_runs_table(table_view(medians))
         tracker.set_description("x" * 9000)
         run = tracker.run_id
     with tracker.run("second"):
