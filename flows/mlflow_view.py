@@ -7,8 +7,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from unlearning.config import ExperimentConfig, method_runs
+from unlearning.config import method_runs
 from unlearning.evaluate.report import COLUMNS
+from unlearning.schema import ExperimentConfig
 
 
 def run_title(cfg: ExperimentConfig) -> str:

@@ -31,16 +31,7 @@ from prefect.cache_policies import NO_CACHE
 import unlearning
 from flows.mlflow_view import headline_metrics, labelled_history, run_title, table_view
 from unlearning import stages
-from unlearning.config import (
-    ExperimentConfig,
-    Stage,
-    apply_overrides,
-    check_method_overrides,
-    content_hash,
-    method_runs,
-    seed_runs,
-    validate_config,
-)
+from unlearning.config import apply_overrides, check_method_overrides, method_runs, seed_runs, validate_config
 from unlearning.errors import UserError, raise_if
 from unlearning.evaluate.report import (
     best_model,
@@ -60,9 +51,11 @@ from unlearning.evaluate.robustness import (
     survivors,
 )
 from unlearning.evaluate.runner import eval_key, given_checkpoints
+from unlearning.hashing import content_hash
 from unlearning.merge.stage import finetune_config, training_jobs
 from unlearning.models import model_identity
 from unlearning.outputs import output_problems, write_atomic
+from unlearning.schema import ExperimentConfig, Stage
 from unlearning.tracking import NullTracker, flatten, tracker_for, tracking_problems, ui_command
 from unlearning.unlearn import run_key
 

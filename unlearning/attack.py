@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unlearning.config import ExperimentConfig, content_hash
 from unlearning.data.prepare import PreparedData, derive
 from unlearning.errors import UserError, raise_if
 from unlearning.evaluate import attacks as attack_defs
@@ -45,7 +44,9 @@ from unlearning.evaluate.attacks import (
 )
 from unlearning.evaluate.metrics import choice_accuracy
 from unlearning.evaluate.runner import ModelEval, _device, compute_metrics, definitions_hash, evaluated_rows, run_probes
+from unlearning.hashing import content_hash
 from unlearning.models import DTYPES, load_causal_lm, model_identity
+from unlearning.schema import ExperimentConfig
 from unlearning.unlearn import RUN_SETTINGS, data_problems, forget_finetune, launch_problems, unlearn_many, world_size
 
 ATTACK_VERSION = 1

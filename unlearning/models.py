@@ -22,12 +22,13 @@ import numpy as np
 import torch
 
 from unlearning.checkpoints import checkpoint_dir, offline_hint
-from unlearning.config import GENERATED_SPLITS, ExperimentConfig, content_hash
 from unlearning.data.prepare import PreparedData, prepare
 from unlearning.data.tokenize import collate
 from unlearning.errors import UserError, raise_if
 from unlearning.evaluate.probes import answer_logprobs, normalised_probability
+from unlearning.hashing import content_hash
 from unlearning.outputs import building, publish, write_atomic
+from unlearning.schema import GENERATED_SPLITS, ExperimentConfig
 from unlearning.train.engine import TorchEngine
 from unlearning.train.loop import nll_objective, run_loop
 

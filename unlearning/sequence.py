@@ -22,13 +22,15 @@ from typing import Any
 
 import numpy as np
 
-from unlearning.config import ExperimentConfig, content_hash, method_runs
+from unlearning.config import method_runs
 from unlearning.data.prepare import derive, prepare
 from unlearning.errors import UserError, raise_if
 from unlearning.evaluate.metrics import ks_pvalue
 from unlearning.evaluate.runner import evaluate_model
 from unlearning.evaluate.suites import SUITES, get_suite
+from unlearning.hashing import content_hash
 from unlearning.models import build_models, model_identity
+from unlearning.schema import ExperimentConfig
 from unlearning.unlearn import data_problems, launch_problems, unlearn
 
 PER_REQUEST = ("forget_probability", "forget_rouge", "forget_truth_ratio")

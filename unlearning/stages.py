@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from unlearning.attack import Attacked, attack, attack_key, attacked_labels
 from unlearning.attack import preflight_problems as attack_preflight
-from unlearning.config import ExperimentConfig, method_runs
+from unlearning.config import method_runs
 from unlearning.data.prepare import PreparedData, prepare
 from unlearning.evaluate.runner import (
     ModelEval,
@@ -16,6 +16,7 @@ from unlearning.evaluate.runner import (
 )
 from unlearning.merge.stage import Merged, finetune_config, merge
 from unlearning.models import BuiltModels, build_models
+from unlearning.schema import ExperimentConfig
 from unlearning.unlearn import Unlearned, data_problems, launch_problems, unlearn, unlearn_many
 
 __all__ = ["Attacked", "BuiltModels", "Merged", "ModelEval", "PreparedData", "Unlearned", "attack", "attack_key",

@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from unlearning.checkpoints import checkpoint_dir
-from unlearning.config import ExperimentConfig, MethodConfig, StopConfig, content_hash, dump_yaml
+from unlearning.config import dump_yaml
 from unlearning.data.prepare import PreparedData, prepare
 from unlearning.errors import UserError, raise_if
+from unlearning.hashing import content_hash
 from unlearning.models import build_models, model_identity, probabilities, tiny_llama
 from unlearning.outputs import write_atomic
+from unlearning.schema import ExperimentConfig, MethodConfig, StopConfig
 from unlearning.train.complete import latest_complete
 from unlearning.train.launch import free_port, launch_argv, on_gpu, read_hostfile
 from unlearning.train.lifetime import orphan_proof, parent_env, run_dir_locks

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unlearning.config import Template
 from unlearning.evaluate.attacks import PROMPTS, encoded, entity_halves
+from unlearning.schema import Template
 
 ROWS = [
     {"entity": "Mara Voss", "question": "Where was Mara Voss born?", "answer": "Drulzeath.",

@@ -3,8 +3,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from unlearning.config import apply_overrides, content_hash, load_config, parse_overrides, validate_config
+from unlearning.config import apply_overrides, load_config, parse_overrides, validate_config
 from unlearning.errors import UserError
+from unlearning.hashing import content_hash
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 

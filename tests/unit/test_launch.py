@@ -2,8 +2,9 @@ import sys
 
 import pytest
 
-from unlearning.config import TrainConfig, validate_config
+from unlearning.config import validate_config
 from unlearning.errors import UserError
+from unlearning.schema import TrainConfig
 from unlearning.train.engine import deepspeed_config
 from unlearning.train.launch import launch_argv, read_hostfile
 

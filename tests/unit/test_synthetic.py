@@ -1,8 +1,8 @@
 import pytest
 
-from unlearning.config import SyntheticData
 from unlearning.data.synthetic import FACT_KINDS, generate, split_counts
 from unlearning.errors import UserError
+from unlearning.schema import SyntheticData
 
 CFG = SyntheticData(num_entities=40, facts_per_entity=5, num_utility=12)
 

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from unlearning.config import Template
 from unlearning.data.tokenize import collate, encode_qa, train_tokenizer
 from unlearning.errors import UserError
 from unlearning.methods.logprobs import IGNORE_INDEX, sequence_logprobs
+from unlearning.schema import Template
 
 TEXTS = ["Question: Where was Ada Vorn born?\nAnswer: Drulzeath.", "It is Drulzeath.", "Kelmar writes poetry."] * 20
 

@@ -13,7 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from unlearning.config import (
+from unlearning.data import synthetic
+from unlearning.errors import UserError, raise_if, warn
+from unlearning.schema import (
     BUILTIN_PREFIX,
     FILE_SUFFIXES,
     LIST_COLUMNS,
@@ -22,8 +24,6 @@ from unlearning.config import (
     ExperimentConfig,
     is_file_spec,
 )
-from unlearning.data import synthetic
-from unlearning.errors import UserError, raise_if, warn
 
 REQUIRED_COLUMNS = ("question", "answer")
 

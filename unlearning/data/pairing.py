@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from unlearning.config import Template, content_hash
 from unlearning.data.tokenize import encode_qa
+from unlearning.hashing import content_hash
+from unlearning.schema import Template
 
 REFUSALS = (
     "I don't know.",

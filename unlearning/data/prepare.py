@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unlearning.config import ExperimentConfig, content_hash
 from unlearning.data.loaders import load_records
 from unlearning.data.tokenize import encode_prompts, encode_qa_many, load_tokenizer, train_tokenizer
 from unlearning.errors import raise_if, warn
+from unlearning.hashing import content_hash
 from unlearning.outputs import publish
+from unlearning.schema import ExperimentConfig
 
 FORMAT_VERSION = 1  # bump when the encoding changes, so old caches are not trusted
 

@@ -17,8 +17,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from unlearning.config import SyntheticData
 from unlearning.errors import UserError
+from unlearning.schema import SyntheticData
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kl", "st", "th"]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ea", "ou"]

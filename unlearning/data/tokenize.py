@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from unlearning.config import Template
 from unlearning.errors import UserError
 from unlearning.methods.logprobs import IGNORE_INDEX
+from unlearning.schema import Template
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 

@@ -24,9 +24,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from unlearning.config import Template
 from unlearning.data.tokenize import encode_qa_many
 from unlearning.registry import Registry
+from unlearning.schema import Template
 
 PROMPTS = Registry("prompt attack")
 

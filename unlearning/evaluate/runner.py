@@ -25,13 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from unlearning.checkpoints import checkpoint_dir, gguf_file
-from unlearning.config import ExperimentConfig, Template, content_hash, method_runs
+from unlearning.config import method_runs
 from unlearning.data.prepare import PreparedData, prepare
 from unlearning.errors import UserError, raise_if
 from unlearning.evaluate.metrics import METRICS, EvalInputs, Value
 from unlearning.evaluate.probes import SplitProbes, probe_split
 from unlearning.evaluate.suites import get_suite
+from unlearning.hashing import content_hash
 from unlearning.models import load_causal_lm, model_identity
+from unlearning.schema import ExperimentConfig, Template
 
 EVAL_VERSION = 2  # bump when the evaluation's inputs change meaning; the metric code itself is hashed below
 

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unlearning.config import ExperimentConfig, content_hash
+from unlearning.hashing import content_hash
 from unlearning.merge.streaming import MERGES, merge_checkpoints
 from unlearning.models import build_models, model_identity, probabilities
 from unlearning.outputs import write_atomic
+from unlearning.schema import ExperimentConfig
 from unlearning.unlearn import forget_finetune, unlearn
 
 

@@ -28,11 +28,12 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM  # noqa: F401
 
-from unlearning.config import ExperimentConfig, LoraConfig, validate_config
+from unlearning.config import validate_config
 from unlearning.data.pairing import refusal_rows
 from unlearning.data.prepare import PreparedData
 from unlearning.memory import peak_rss_mb, rss_mb
 from unlearning.methods.answers import layouts
+from unlearning.schema import ExperimentConfig, LoraConfig
 from unlearning.train import engine as ds
 from unlearning.train.complete import step_of
 from unlearning.train.loop import LoopResult, run_loop

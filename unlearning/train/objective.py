@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from unlearning.config import MethodConfig
 from unlearning.methods import METHODS, RETAIN_LOSSES
 from unlearning.methods.answers import answer_logprobs_of
 from unlearning.methods.logprobs import SequenceLogProbs
+from unlearning.schema import MethodConfig
 
 RefLogits = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from unlearning.config import content_hash
 from unlearning.data.tokenize import collate
+from unlearning.hashing import content_hash
 from unlearning.methods.logprobs import answer_token_count
 
 

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from unlearning.config import StopConfig
 from unlearning.evaluate.metrics import auc, truth_ratio_of
 from unlearning.evaluate.probes import normalised_probability, split_requests
+from unlearning.schema import StopConfig
 from unlearning.train.reference import mean_probability, sharded_answer_logprobs
 
 
