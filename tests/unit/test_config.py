@@ -193,3 +193,15 @@ def test_eval_references_must_name_evaluated_models():
     assert cfg.eval.references == ["base"]
     with pytest.raises(UserError, match=r"references \['bsae'\] are not labels of eval.models"):
         validate_config({"name": "x", "eval": {"models": ["target", "base=some/dir"], "references": ["bsae"]}})
+
+
+@pytest.mark.parametrize("data", [
+    {},
+    {"source": "files", "splits": {"forget": "f.jsonl", "retain": "r.jsonl"}},
+    {"source": "hf", "path": "locuslab/TOFU", "revision": "main",
+     "splits": {"forget": "forget10", "retain": "retain90"}},
+])
+def test_a_resolved_config_reads_back_as_itself(data):
+    # What the training ranks get (a job spec) and config.resolved.json hold every key, defaults included.
+    cfg = validate_config({"name": "x", "data": data})
+    assert validate_config(cfg.to_dict()) == cfg

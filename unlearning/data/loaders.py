@@ -28,8 +28,9 @@ from unlearning.schema import (
 REQUIRED_COLUMNS = ("question", "answer")
 
 
-def _hf_split(path: str, spec: str) -> Any:
-    """Load `config[:split]` of a hub dataset or local dataset directory (the same call for both)."""
+def _hf_split(path: str, spec: str, revision: str | None = None) -> Any:
+    """Load `config[:split]` of a hub dataset (at `revision`: a branch, tag or commit) or of a local dataset
+    directory (the same call for both)."""
     import datasets
 
     config, _, split = spec.partition(":")
@@ -37,7 +38,7 @@ def _hf_split(path: str, spec: str) -> Any:
     try:
         if (local / "dataset_dict.json").is_file():  # a DatasetDict written by save_to_disk
             return datasets.load_from_disk(str(local))[config]
-        return datasets.load_dataset(path, name=config or None, split=split or "train")
+        return datasets.load_dataset(path, name=config or None, split=split or "train", revision=revision)
     except Exception as e:  # datasets raises many types (hub, config, file errors)
         raise UserError(
             f"data.splits: could not load config {config!r} split {split or 'train'!r} of {path!r}: "
@@ -246,7 +247,7 @@ def load_records(cfg: ExperimentConfig) -> dict[str, list[dict[str, Any]]]:
     if data.source == "synthetic":
         splits = synthetic.generate(data.synthetic, data.forget_fraction, data.holdout_fraction, cfg.data_seed)
     for split, spec in data.splits.items():  # with source=synthetic: extra evaluation splits
-        ds = _file_split(spec) if is_file_spec(spec) else _hf_split(data.path or "", spec)
+        ds = _file_split(spec) if is_file_spec(spec) else _hf_split(data.path or "", spec, data.revision)
         splits[split] = normalize(ds.to_list(), data.columns_for(split), split)
     if not splits.get("forget"):
         raise UserError("the forget split is empty; point data.splits.forget at a non-empty split "

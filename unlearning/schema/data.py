@@ -83,6 +83,10 @@ def is_file_spec(spec: str) -> bool:
 class DataConfig(Strict):
     source: Literal["synthetic", "hf", "files"] = "synthetic"
     path: str | None = Field(None, description="source=hf: a hub dataset name or a local dataset path")
+    revision: str | None = Field(None, description="source=hf: the hub revision (branch, tag or commit) to load; a "
+                                 "commit pins the data. Default: the main branch as the hub has it now (or as "
+                                 "cached, offline); the prepared data's fingerprint covers the records loaded "
+                                 "either way, so a changed dataset is prepared again")
     splits: dict[str, str] = Field(
         default_factory=dict,
         description="split -> 'config' or 'config:split' (source=hf), a JSONL/CSV/Parquet path, or a packaged set "
@@ -114,11 +118,17 @@ class DataConfig(Strict):
             problems.append("forget_fraction + holdout_fraction must be < 1 to leave people to retain")
         if self.source == "hf" and not self.path:
             problems.append("source=hf needs data.path (a hub dataset name or a local dataset directory)")
+        if self.source != "hf" and self.revision:
+            problems.append(f"data.revision is read by source=hf only, and source is {self.source}; remove it")
         if self.source != "hf" and self.path:
             problems.append(f"data.path is read by source=hf only, and source is {self.source}; remove data.path, "
                             "or name files in data.splits")
         if self.source != "synthetic":
-            unused = sorted({"synthetic", "forget_fraction", "holdout_fraction"} & self.model_fields_set)
+            # Set to other than the default: a resolved config written out (a job spec, config.resolved.json)
+            # holds every key, and reads back the same.
+            fields = type(self).model_fields
+            unused = sorted(k for k in {"synthetic", "forget_fraction", "holdout_fraction"} & self.model_fields_set
+                            if getattr(self, k) != fields[k].get_default(call_default_factory=True))
             if unused:
                 problems.append(f"data.{', data.'.join(unused)}: read by source=synthetic only, and source is "
                                 f"{self.source} (its splits come from data.splits); remove them")
