@@ -14,7 +14,8 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.pipeline import artifact_key, resolve, run_tags
+from flows.pipeline import resolve, run_tags
+from flows.report import artifact_key
 from unlearning.config import validate_config
 from unlearning.evaluate.report import ledger_table
 from unlearning.sequence import sequence

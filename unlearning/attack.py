@@ -166,15 +166,21 @@ def attack_key(cfg: ExperimentConfig, prepared: PreparedData, label: str, path: 
                         cfg.train.model_dump(exclude=RUN_SETTINGS), world_size(cfg), cfg.seed, oracle_identity)
 
 
+def attack_dirs(cfg: ExperimentConfig, prepared: PreparedData, evals: dict[str, ModelEval]) -> dict[str, Path]:
+    """Label → the directory of each attacked model's results, named by its `attack_key`; together, the attack
+    stage's key (on disk and in Prefect)."""
+    oracle_identity = evals["oracle"].result["identity"] if "oracle" in evals else None
+    keys = {label: attack_key(cfg, prepared, label, evals[label].path, None if label == "oracle" else oracle_identity)
+            for label in attacked_labels(cfg, evals) if label in evals}
+    return {label: cfg.out / "attack" / f"{label}-{key}" for label, key in keys.items()}
+
+
 def attack(cfg: ExperimentConfig, evals: dict[str, ModelEval], prepared: PreparedData) -> Attacked:
     """Attack every chosen evaluated model and the oracle (see the module docstring); reuse cached results."""
     raise_if(attack_problems(cfg, evals))
     labels = attacked_labels(cfg, evals)
     points = attack_points(cfg)
-    oracle_identity = evals["oracle"].result["identity"]
-    keys = {label: attack_key(cfg, prepared, label, evals[label].path, None if label == "oracle" else oracle_identity)
-            for label in labels}
-    dirs = {label: cfg.out / "attack" / f"{label}-{keys[label]}" for label in labels}
+    dirs = attack_dirs(cfg, prepared, evals)
     todo = [label for label in labels if not (dirs[label] / "attack.json").is_file()]
     relearned = _relearn(cfg, prepared, {label: evals[label].path for label in todo}) if todo else {}
     asked = point_data(cfg, prepared, points) if todo else {}

@@ -270,7 +270,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_sweep(args: argparse.Namespace) -> None:
     cfg = _load(args)
     ready = _prefect()
-    from flows.pipeline import grid_points, parse_grid, sweep
+    from flows.sweep import grid_points, parse_grid, sweep
 
     grid = parse_grid([item for group in args.grid or [] for item in group])
     if not grid:

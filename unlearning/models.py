@@ -46,6 +46,8 @@ class BuiltModels:
 def model_identity(path: str | Path) -> str:
     """A cheap content identity of a checkpoint directory: its config and its weight files' sizes/times."""
     path = Path(path)
+    if path.is_file():  # a GGUF file
+        return content_hash(str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns)
     if not path.is_dir():
         return content_hash(str(path))  # a hub name: the name (and the hub's revision pinning) identifies it
     files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors"))
@@ -249,11 +251,24 @@ def _cached_probabilities(cfg: ExperimentConfig, paths: dict[str, Path], prepare
     return last["probability"] if same else None
 
 
-def build_models(cfg: ExperimentConfig) -> BuiltModels:
-    """Prepare data, then build (or reuse) the target and the retain oracle; write `models/summary.json`."""
+def role_key(cfg: ExperimentConfig, prepared: PreparedData, role: str) -> str:
+    """Everything a built model depends on: the name of its directory."""
+    return content_hash(BUILD_VERSION, prepared.fingerprint, cfg.model.base, cfg.model.tiny.model_dump(),
+                        cfg.model.finetune.model_dump(), cfg.model.dtype, cfg.seed, training_splits(cfg, role))
+
+
+def build_key(cfg: ExperimentConfig, prepared: PreparedData) -> str:
+    """The build stage's key: each role's built-model key, or the identity of the checkpoint given for it."""
+    return content_hash({role: model_identity(given) if (given := getattr(cfg.model, role)) else
+                         role_key(cfg, prepared, role) for role in ("target", "oracle")})
+
+
+def build_models(cfg: ExperimentConfig, prepared: PreparedData | None = None) -> BuiltModels:
+    """Build (or reuse) the target and the retain oracle on `prepared` (default: the config's prepared data);
+    write `models/summary.json`."""
     configs, problems = model_configs(cfg)
     raise_if(problems)
-    prepared = prepare(cfg)
+    prepared = prepared or prepare(cfg)
     raise_if(vocab_problems(configs, prepared.tokenizer()))
 
     paths, built = {}, {}
@@ -262,9 +277,7 @@ def build_models(cfg: ExperimentConfig) -> BuiltModels:
         if given:
             paths[role] = Path(checkpoint_dir(given))
             continue
-        key = content_hash(BUILD_VERSION, prepared.fingerprint, cfg.model.base, cfg.model.tiny.model_dump(),
-                           cfg.model.finetune.model_dump(), cfg.model.dtype, cfg.seed, training_splits(cfg, role))
-        out = cfg.out / "models" / f"{role}-{key}"
+        out = cfg.out / "models" / f"{role}-{role_key(cfg, prepared, role)}"
         paths[role] = out
         if not (out / "build.json").is_file():
             with building(out):  # the same model wanted by a concurrent run: built once, the other waits

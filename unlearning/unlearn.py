@@ -1,11 +1,11 @@
 """The unlearn stage: launch the DeepSpeed job that unlearns the forget set from the target model.
 
-`unlearn(cfg)` builds (or reuses) the target, checks the run against the data before anything starts,
-writes a job spec and launches `python -m unlearning.train` on `train.num_processes` ranks per node
-through torchrun or the deepspeed launcher (an argv list). The run directory
-`<output_dir>/unlearn/<method>-<hash of every input>/` holds `model/` (a consolidated HF checkpoint),
-`adapter/` (LoRA), `checkpoints/` (DeepSpeed), `train.log` and `run_summary.json`, written last by rank
-0. A finished run is reused; an unfinished one resumes from its newest checkpoint.
+`unlearn(cfg, prepared=, built=)` takes the prepared data and the built target (or makes them), checks the run
+against the data before anything starts, writes a job spec and launches `python -m unlearning.train` on
+`train.num_processes` ranks per node through torchrun or the deepspeed launcher (an argv list). The run
+directory `<output_dir>/unlearn/<method>-<hash of every input>/` holds `model/` (a consolidated HF
+checkpoint), `adapter/` (LoRA), `checkpoints/` (DeepSpeed), `train.log` and `run_summary.json`, written last
+by rank 0. A finished run is reused; an unfinished one resumes from its newest checkpoint.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from unlearning.config import dump_yaml
 from unlearning.data.prepare import PreparedData, prepare
 from unlearning.errors import UserError, raise_if
 from unlearning.hashing import content_hash
-from unlearning.models import build_models, model_identity, probabilities, tiny_llama
+from unlearning.models import BuiltModels, build_models, model_identity, probabilities, tiny_llama
 from unlearning.outputs import write_atomic
 from unlearning.schema import ExperimentConfig, MethodConfig, StopConfig
 from unlearning.train.complete import latest_complete
@@ -296,29 +296,30 @@ def job_spec(cfg: ExperimentConfig, target: str, prepared: PreparedData) -> tupl
                      "ref_cache": str(cfg.out / "reference" / f"{ref_key}.safetensors")}
 
 
-def unlearn(cfg: ExperimentConfig, *, prepared: PreparedData | None = None, target: str | Path | None = None
-            ) -> Unlearned:
+def unlearn(cfg: ExperimentConfig, *, prepared: PreparedData | None = None, built: BuiltModels | None = None,
+            target: str | Path | None = None) -> Unlearned:
     """Unlearn the forget set from the target with `cfg.method`; reuse a finished run.
 
-    By default the data is the config's prepared data and the target is built (or given by model.target);
-    `prepared` and `target` override both (sequential unlearning: one request's data, the last result).
+    The inputs are the prepare and build stages' results, `prepared` and `built` (each by default computed, or
+    found cached, from the config), or another starting model `target` (sequential unlearning: one request's
+    data, the last result).
     """
-    return unlearn_many({"run": cfg}, prepared=prepared, target=target)["run"]
+    return unlearn_many({"run": cfg}, prepared=prepared, built=built, target=target)["run"]
 
 
 def unlearn_many(cfgs: Mapping[str, ExperimentConfig], *, prepared: PreparedData | None = None,
-                 target: str | Path | Mapping[str, Path] | None = None, summarise: bool = True
-                 ) -> dict[str, Unlearned]:
+                 built: BuiltModels | None = None, target: str | Path | Mapping[str, Path] | None = None,
+                 summarise: bool = True) -> dict[str, Unlearned]:
     """`unlearn` for several runs (label → config, e.g. every method of a config), starting the ranks once for
     all the unfinished runs that launch alike (`launch_group`): a start of the ranks (imports, process group,
     accelerator) costs seconds on a laptop and a minute on a cluster, and the runs follow one another in it.
     Every run's problems are reported before anything starts.
 
-    `target`: one starting model for every run, or one per label (the attack stage relearns each attacked
-    model); `summarise`: add the answer probabilities of the start and the result to each run summary (two
-    scoring passes; the attack stage, which evaluates the results anyway, skips them)."""
+    `prepared`, `built`: the upstream stages' results, shared by every run (default: each run's config's own);
+    `target`: instead of the built target, one starting model for every run or one per label (the attack stage
+    relearns each attacked model); `summarise`: add the answer probabilities of the start and the result to
+    each run summary (two scoring passes; the attack stage, which evaluates the results anyway, skips them)."""
     raise_if([p for cfg in cfgs.values() for p in launch_problems(cfg)])
-    own_data = prepared is None
 
     def shared(cfg: ExperimentConfig) -> str:  # runs of one config differ in method and train only
         return content_hash(cfg.data.model_dump(), cfg.model.model_dump(), cfg.seed, str(cfg.out))
@@ -331,17 +332,20 @@ def unlearn_many(cfgs: Mapping[str, ExperimentConfig], *, prepared: PreparedData
     raise_if(list(dict.fromkeys(p for label, cfg in cfgs.items() for p in data_problems(cfg, data[label]))))
     targets: dict[str, Path] = {}
     target_probs: dict[str, dict[str, float] | None] = {}
-    built_by: dict[str, Any] = {}
+    built_by: dict[str, BuiltModels] = {}
     for label, cfg in cfgs.items():
         if target is not None:
             targets[label] = Path(target[label] if isinstance(target, Mapping) else target)
             target_probs[label] = None
             continue
         if shared(cfg) not in built_by:
-            built_by[shared(cfg)] = build_models(cfg)
-        built = built_by[shared(cfg)]
-        targets[label] = Path(built.target)
-        target_probs[label] = built.summary["probability"]["target"] if own_data else None
+            # Built on the config's own data (which given `prepared` data, e.g. a derived subset, need not be).
+            built_by[shared(cfg)] = built or build_models(cfg, None if prepared else data[label])
+        models = built_by[shared(cfg)]
+        targets[label] = Path(models.target)
+        # The built models' probabilities are on their own data: reused when the run's data is that.
+        same_data = models.summary.get("data") == str(data[label].path)
+        target_probs[label] = models.summary["probability"]["target"] if same_data else None
     jobs = {label: job_spec(cfg, str(targets[label]), data[label]) for label, cfg in cfgs.items()}
     pending = [label for label, (run_dir, _) in jobs.items() if not (run_dir / "run_summary.json").is_file()]
     groups: dict[tuple[Any, ...], list[str]] = {}

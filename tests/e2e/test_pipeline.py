@@ -138,7 +138,7 @@ def test_a_failed_stage_fails_the_run_clearly_and_the_rerun_resumes(tmp_path, ha
 def test_sweep_runs_every_point_under_one_parent_with_one_report(tmp_path, harness):
     from mlflow.tracking import MlflowClient
 
-    from flows.pipeline import sweep
+    from flows.sweep import sweep
 
     raw, uri = _raw(tmp_path)
     raw["methods"] = [{"name": "ga"}]

@@ -14,8 +14,8 @@ from unlearning.errors import UserError
 from unlearning.evaluate.metrics import harmonic_mean
 from unlearning.evaluate.naive import probe_split_naive
 from unlearning.evaluate.probes import Scores, probe_split
-from unlearning.evaluate.runner import evaluate
 from unlearning.models import load_causal_lm, tiny_llama
+from unlearning.stages import evaluate
 
 
 def assert_scores_equal(a: Scores, b: Scores, tol: float = 1e-5) -> None:

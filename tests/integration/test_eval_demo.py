@@ -6,8 +6,8 @@ import pytest
 
 from tests.conftest import REPO
 from unlearning.config import load_config
-from unlearning.evaluate.runner import evaluate
 from unlearning.models import build_models
+from unlearning.stages import evaluate
 
 
 @pytest.mark.slow

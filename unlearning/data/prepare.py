@@ -105,8 +105,18 @@ def _encode(records: dict[str, list[dict[str, Any]]], tokenizer: Any, cfg: Exper
         for split, rows in records.items()}
 
 
-def prepare(cfg: ExperimentConfig) -> PreparedData:
-    """Load, check, tokenize and save the splits; reuse the saved copy when the fingerprint matches."""
+@dataclass(frozen=True)
+class _Inputs:
+    """What the prepared data is made of, loaded: the records, the tokenizer (None: trained locally) and its
+    identity, and the fingerprint of them all."""
+
+    records: dict[str, list[dict[str, Any]]]
+    tokenizer: Any
+    tokenizer_id: tuple[Any, ...]
+    fingerprint: str
+
+
+def _inputs(cfg: ExperimentConfig) -> _Inputs:
     records = load_records(cfg)
     records_hash = content_hash(records)
     source = tokenizer_source(cfg)
@@ -118,6 +128,20 @@ def prepare(cfg: ExperimentConfig) -> PreparedData:
         tok_id = ("trained-bpe", cfg.data.tokenizer.vocab_size, records_hash)
     fingerprint = content_hash(FORMAT_VERSION, records_hash, tok_id, cfg.data.template.model_dump(),
                                cfg.data.max_length, cfg.data_seed)
+    return _Inputs(records, tokenizer, tok_id, fingerprint)
+
+
+def prepare_key(cfg: ExperimentConfig) -> str:
+    """The prepare stage's key: the fingerprint of what it reads (the records as loaded now, so an edited file
+    or a changed hub dataset changes it; the tokenizer; template, length and seed). The name of its output
+    directory, and the Prefect task's cache key."""
+    return _inputs(cfg).fingerprint
+
+
+def prepare(cfg: ExperimentConfig) -> PreparedData:
+    """Load, check, tokenize and save the splits; reuse the saved copy when the fingerprint matches."""
+    inputs = _inputs(cfg)
+    records, tokenizer, tok_id, fingerprint = inputs.records, inputs.tokenizer, inputs.tokenizer_id, inputs.fingerprint
     out = cfg.out / "data" / fingerprint
     if (out / "fingerprint.json").is_file():
         return PreparedData(out, fingerprint)

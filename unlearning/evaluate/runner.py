@@ -1,6 +1,7 @@
-"""The evaluation runner and the `eval` stage: probes once per model, every metric of the suite, eval.json.
+"""The evaluation runner: one model's evaluation, probes once, every metric of the suite, eval.json.
 
-Each model's evaluation is cached by content: the checkpoint's identity, the prepared data's
+Which models are evaluated (eval.models' roles resolved through their stages) is `unlearning.stages`'s;
+each model's evaluation is cached by content: the checkpoint's identity, the prepared data's
 fingerprint, the eval settings and (for forget quality and PrivLeak) the oracle's identity. The oracle is
 evaluated first, once, and its per-example values are the reference every other model is compared with.
 
@@ -24,10 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unlearning.checkpoints import checkpoint_dir, gguf_file
-from unlearning.config import method_runs
-from unlearning.data.prepare import PreparedData, prepare
-from unlearning.errors import UserError, raise_if
+from unlearning.checkpoints import gguf_file
+from unlearning.data.prepare import PreparedData
 from unlearning.evaluate.metrics import METRICS, EvalInputs, Value
 from unlearning.evaluate.probes import SplitProbes, probe_split
 from unlearning.evaluate.suites import get_suite
@@ -169,11 +168,16 @@ def eval_key(path: Path, prepared: PreparedData, cfg: ExperimentConfig, oracle: 
                         oracle.result["identity"] if oracle else None)
 
 
+def eval_dir(cfg: ExperimentConfig, label: str, path: Path, prepared: PreparedData, oracle: ModelEval | None
+             ) -> Path:
+    """The directory of one evaluation: its label and `eval_key`; the eval stage's key (on disk and in Prefect)."""
+    return cfg.out / "eval" / f"{label}-{eval_key(path, prepared, cfg, oracle)}"
+
+
 def evaluate_model(path: Path, prepared: PreparedData, cfg: ExperimentConfig, *, label: str,
                    oracle: ModelEval | None = None, is_oracle: bool = False) -> ModelEval:
     """Evaluate one checkpoint, or reuse its cached eval.json (written atomically, so never half)."""
-    key = eval_key(path, prepared, cfg, oracle)
-    out = cfg.out / "eval" / f"{label}-{key}"
+    out = eval_dir(cfg, label, path, prepared, oracle)
     if (out / "eval.json").is_file():
         return ModelEval(label, path, out, json.loads((out / "eval.json").read_text()), cached=True)
     result = evaluate_checkpoint(path, prepared, cfg, label=label, oracle=oracle, is_oracle=is_oracle)
@@ -197,74 +201,3 @@ def checkpoint_problems(cfg: ExperimentConfig, prepared: PreparedData) -> list[s
         if missing:
             problems.append(f"{key}: {missing} are not prepared splits; available: {', '.join(counts)}")
     return problems
-
-
-def given_checkpoints(cfg: ExperimentConfig) -> dict[str, Path]:
-    """Label → checkpoint directory of each LABEL=PATH in eval.models (a GGUF file: its converted checkpoint)."""
-    return {label: Path(checkpoint_dir(path)) for label, sep, path in (m.partition("=") for m in cfg.eval.models)
-            if sep}
-
-
-def run_models(label: str, done: Any, cfg: ExperimentConfig) -> dict[str, Path]:
-    """Label → checkpoint of what one unlearning run (`Unlearned`) contributes to the evaluation: its snapshots
-    (`<label>@step<N>`, with train.snapshot_every and eval.snapshots), then its final model."""
-    steps = done.summary.get("snapshots", {}) if cfg.eval.snapshots else {}
-    return {**{f"{label}@step{step}": Path(path) for step, path in steps.items()}, label: done.model}
-
-
-def eval_order(cfg: ExperimentConfig, expanded: dict[str, list[str]], extra: dict[str, Path] | None = None
-               ) -> list[str]:
-    """The evaluated labels in `eval.models` order, roles expanded (`unlearned` → one label per method,
-    `merged` → one per λ), then any `extra` labels."""
-    order = [x for entry in cfg.eval.models for x in expanded.get(entry.partition("=")[0], [entry.partition("=")[0]])]
-    return order + [k for k in extra or {} if k not in order]
-
-
-def evaluate(cfg: ExperimentConfig, extra: dict[str, Path] | None = None) -> dict[str, ModelEval]:
-    """The eval stage: evaluate `eval.models` (plus `extra` label → checkpoint), the oracle first.
-
-    Roles are resolved through their stages (built or reused): target and oracle by build-models,
-    unlearned by the unlearn stage (one model per method, labelled as in `methods`, or `unlearned` for
-    `method` alone), merged (one model per λ, labelled merged_l<λ>) by the merge stage.
-    Every given checkpoint is checked before anything is loaded.
-    """
-    get_suite(cfg.eval.suite)
-    prepared = prepare(cfg)
-    raise_if(checkpoint_problems(cfg, prepared))
-    paths = given_checkpoints(cfg)
-    paths.update(extra or {})
-    roles = [m for m in cfg.eval.models if "=" not in m]
-    if "target" in roles or "oracle" in roles:
-        from unlearning.models import build_models
-
-        built = build_models(cfg)
-        paths.update({r: Path(getattr(built, r)) for r in ("target", "oracle") if r in roles})
-    expanded: dict[str, list[str]] = {}
-    runs = method_runs(cfg) if "unlearned" in roles else {}
-    if runs or "merged" in roles:
-        from unlearning.merge.stage import training_jobs
-        from unlearning.unlearn import unlearn_many
-
-        trained = unlearn_many(training_jobs(cfg, runs, "merged" in roles))  # one start of the ranks for all
-        expanded["unlearned"] = []
-        for label in runs:
-            models = run_models(label, trained[label], cfg)
-            paths.update(models)
-            expanded["unlearned"] += list(models)
-    if "merged" in roles:
-        from unlearning.merge.stage import Merged, merge
-
-        merged = merge(cfg)
-        expanded["merged"] = [Merged.label(lam) for lam in merged.models]
-        paths.update({Merged.label(lam): p for lam, p in merged.models.items()})
-    order = eval_order(cfg, expanded, extra)
-    results: dict[str, ModelEval] = {}
-    oracle = None
-    if "oracle" in paths:
-        oracle = results["oracle"] = evaluate_model(paths["oracle"], prepared, cfg, label="oracle", is_oracle=True)
-    for label in order:
-        if label not in results:
-            results[label] = evaluate_model(paths[label], prepared, cfg, label=label, oracle=oracle)
-    if not results:
-        raise UserError("eval.models is empty; list roles (target, oracle, unlearned) or LABEL=PATH checkpoints")
-    return {label: results[label] for label in order}

@@ -16,12 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from unlearning.data.prepare import PreparedData, prepare
 from unlearning.hashing import content_hash
 from unlearning.merge.streaming import MERGES, merge_checkpoints
-from unlearning.models import build_models, model_identity, probabilities
+from unlearning.models import BuiltModels, build_models, model_identity, probabilities
 from unlearning.outputs import write_atomic
 from unlearning.schema import ExperimentConfig
-from unlearning.unlearn import forget_finetune, unlearn
+from unlearning.unlearn import Unlearned, forget_finetune, run_key, unlearn
+
+MERGE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -53,15 +56,31 @@ def training_jobs(cfg: ExperimentConfig, runs: dict[str, ExperimentConfig], merg
     return {**runs, **({FINETUNE_JOB: finetune_config(cfg)} if merged else {})}
 
 
-def merge(cfg: ExperimentConfig) -> Merged:
-    """Build or reuse θ_ft and one negated model per λ; reuse merged models already written."""
+def merged_key(cfg: ExperimentConfig, prepared: PreparedData, target: Path, lam: float) -> str:
+    """Everything one merged model depends on: the forget fine-tune's run key (its target, data and recipe, so
+    the task vector), the merge and λ. The name of its directory."""
+    return content_hash(MERGE_VERSION, run_key(finetune_config(cfg), str(target), prepared), cfg.merge.method, lam)
+
+
+def merge_key(cfg: ExperimentConfig, prepared: PreparedData, built: BuiltModels) -> str:
+    """The merge stage's key: every merged model's."""
+    return content_hash([merged_key(cfg, prepared, built.target, lam) for lam in cfg.merge.lambdas])
+
+
+def merge(cfg: ExperimentConfig, *, prepared: PreparedData | None = None, built: BuiltModels | None = None,
+          finetuned: Unlearned | None = None) -> Merged:
+    """Build or reuse θ_ft and one negated model per λ; reuse merged models already written.
+
+    The inputs are the upstream stages' results: the prepared data, the built target and the forget fine-tune
+    (`finetune_config`, trained with the unlearning runs); each by default computed, or found cached."""
     MERGES.get(cfg.merge.method)
-    built = build_models(cfg)
-    ft = unlearn(finetune_config(cfg))
+    prepared = prepared or prepare(cfg)
+    built = built or build_models(cfg, prepared)
+    ft = finetuned or unlearn(finetune_config(cfg), prepared=prepared, built=built)
     task = ft.run_dir / "adapter" if cfg.merge.finetune.lora else ft.model
     models, runs = {}, []
     for lam in cfg.merge.lambdas:
-        key = content_hash(model_identity(built.target), model_identity(task), cfg.merge.method, lam)
+        key = merged_key(cfg, prepared, built.target, lam)
         out = cfg.out / "merge" / f"{cfg.merge.method}-l{lam:g}-{key}" / "model"
         cached = (out / "merge.json").is_file()
         start = time.perf_counter()
@@ -72,15 +91,13 @@ def merge(cfg: ExperimentConfig) -> Merged:
         models[lam] = out
         runs.append({"lambda": lam, "model": str(out), "cached": cached,
                      "merge_s": round(time.perf_counter() - start, 2)})
-    summary = _summary(cfg, built, ft, task, runs)
+    summary = _summary(cfg, prepared, built, ft, task, runs)
     return Merged(models, task, summary)
 
 
-def _summary(cfg: ExperimentConfig, built: Any, ft: Any, task: Path, runs: list[dict[str, Any]]) -> dict[str, Any]:
+def _summary(cfg: ExperimentConfig, prepared: PreparedData, built: BuiltModels, ft: Unlearned, task: Path,
+             runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Answer probabilities per split of the target, θ_ft and each merged model (reused when unchanged)."""
-    from unlearning.data.prepare import prepare
-
-    prepared = prepare(cfg)
     path = cfg.out / "merge" / "summary.json"
     last = json.loads(path.read_text()) if path.is_file() else {}
     known = last.get("probability_by_identity", {})
