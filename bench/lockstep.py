@@ -112,7 +112,7 @@ def floor(job: dict[str, Any], scratch: Path) -> Any:
     model = AutoModelForCausalLM.from_pretrained(job["target"], dtype=torch.float32)
     model.config.use_cache = False
     ref = None
-    if method.meta.get("needs_ref"):
+    if method.meta.get("cached_ref"):
         with torch.no_grad():
             ref = torch.cat([sequence_logprobs(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]
                                                      ).logits, b["labels"]).logp

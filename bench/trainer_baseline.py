@@ -31,7 +31,7 @@ def build(job: dict[str, Any], out_dir: Path) -> tuple[Any, dict[str, int]]:
     prepared = PreparedData(Path(job["data"]), job["fingerprint"])
     splits, pad = prepared.splits(), prepared.tokenizer().pad_token_id
     forget, retain = list(splits["forget"]), list(splits["retain"])
-    method, needs_ref = job["method"], bool(METHODS.get(job["method"]).meta.get("needs_ref"))
+    method, needs_ref = job["method"], bool(METHODS.get(job["method"]).meta.get("cached_ref"))
     model = AutoModelForCausalLM.from_pretrained(job["target"], dtype=torch.float32)
     ref_model = AutoModelForCausalLM.from_pretrained(job["target"], dtype=torch.float32).eval() if needs_ref else None
 

@@ -87,14 +87,34 @@ def _resolve_method(raw_method: Any, where: str = "method") -> tuple[dict[str, A
     params, problems = METHODS.validate(name, extra, where=where)
     if problems:
         return {}, problems
-    meta = METHODS.get(name).meta
+    entry = METHODS.get(name)
+    meta = entry.meta
+    retain = core.get("retain_loss") or meta.get("retain_loss", "none")
+    problems += _retain_problems(name, str(retain), entry, params, where)
+    if problems:
+        return {}, problems
     resolved = {
         "name": name,
         "gamma": core.get("gamma") if core.get("gamma") is not None else meta.get("gamma", 1.0),
         "alpha": core.get("alpha") if core.get("alpha") is not None else meta.get("alpha", 0.0),
-        "retain_loss": core.get("retain_loss") or meta.get("retain_loss", "none"),
+        "retain_loss": retain,
     }
     return {**resolved, **params}, []
+
+
+def _retain_problems(name: str, retain: str, entry: Any, params: dict[str, Any], where: str) -> list[str]:
+    """The retain term must be registered, and one that reads hidden states needs the method's `layer`."""
+    from unlearning.methods import RETAIN_LOSSES, reads
+
+    if retain == "none":
+        return []
+    if retain not in RETAIN_LOSSES:
+        return [f"{where}.retain_loss: unknown retain loss {retain!r}; valid: none, {', '.join(RETAIN_LOSSES.names())}"]
+    hidden = any(r.kind == "hidden" for r in reads(RETAIN_LOSSES.get(retain)).values())
+    if hidden and "layer" not in params:
+        return [f"{where}.retain_loss: {retain!r} compares the activations of the method's `layer`, and method "
+                f"{name!r} has none; use nll or kl, or a method with a layer (rmu)"]
+    return []
 
 
 def deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:

@@ -48,10 +48,12 @@ class Registry:
 
     Args:
         kind: what the entries are, used in error messages ("method", "metric").
+        check: called with each new entry at registration; raises ValueError when the entry is malformed.
     """
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, check: Callable[[Entry], None] | None = None):
         self.kind = kind
+        self._check = check
         self._entries: dict[str, Entry] = {}
 
     def register(self, name: str, **meta: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -64,7 +66,10 @@ class Registry:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             sig = inspect.signature(fn)
             params = {k: p for k, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
-            self._entries[name] = Entry(name, fn, params, dict(meta))
+            entry = Entry(name, fn, params, dict(meta))
+            if self._check is not None:
+                self._check(entry)
+            self._entries[name] = entry
             return fn
 
         return decorate

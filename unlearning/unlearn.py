@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from unlearning.config import dump_yaml
 from unlearning.data.prepare import PreparedData, prepare
 from unlearning.errors import UserError, raise_if
 from unlearning.hashing import content_hash
+from unlearning.methods import METHODS
 from unlearning.models import BuiltModels, build_models, model_identity, probabilities, tiny_llama
 from unlearning.outputs import write_atomic
 from unlearning.schema import ExperimentConfig, MethodConfig, StopConfig
@@ -94,30 +96,63 @@ def data_problems(cfg: ExperimentConfig, prepared: PreparedData) -> list[str]:
         problems.append(f"train.stop.holdout_match compares the forget set with the holdout set, and the data has "
                         f"{counts.get('holdout', 0)} holdout examples; add a holdout split (data.splits.holdout, or "
                         "data.holdout_fraction for the synthetic source) or unset the rule")
-    if cfg.train.lora.enabled:
-        problems += _lora_problems(cfg, prepared.tokenizer())
+    if cfg.train.lora.enabled or "layer" in cfg.method.params or METHODS.get(cfg.method.name).meta.get("trains"):
+        model, source = _empty_model(cfg, prepared.tokenizer())
+        problems += _lora_problems(cfg, model, source) + _method_problems(cfg, model, source)
     return problems
 
 
-def _lora_problems(cfg: ExperimentConfig, tokenizer: Any) -> list[str]:
-    """Every LoRA target module name must match linear layers of the model that will be unlearned,
-    checked on an empty (meta-device) model of its architecture, before the target is even built."""
+def _empty_model(cfg: ExperimentConfig, tokenizer: Any) -> tuple[Any, str]:
+    """An empty (meta-device) model of the architecture that will be unlearned, and where it comes from:
+    module and parameter names are checked on it before the target is even built."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     source = cfg.model.target or (None if cfg.model.base == "tiny" else cfg.model.base)
     with torch.device("meta"):
         if source is None:
-            model, source = tiny_llama(cfg, tokenizer), "the tiny model"
-        else:
-            config = AutoConfig.from_pretrained(checkpoint_dir(source), trust_remote_code=cfg.model.trust_remote_code)
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+            return tiny_llama(cfg, tokenizer), "the tiny model"
+        config = AutoConfig.from_pretrained(checkpoint_dir(source), trust_remote_code=cfg.model.trust_remote_code)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code), source
+
+
+def _lora_problems(cfg: ExperimentConfig, model: Any, source: str) -> list[str]:
+    """Every LoRA target module name must match linear layers of the model."""
+    import torch
+
+    if not cfg.train.lora.enabled:
+        return []
     leaves = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     unknown = [m for m in cfg.train.lora.target_modules if m not in leaves]
     if unknown:
         return [f"train.lora.target_modules: {unknown} are not linear layers of {source}; "
                 f"valid names: {', '.join(sorted(leaves))}"]
     return []
+
+
+def _method_problems(cfg: ExperimentConfig, model: Any, source: str) -> list[str]:
+    """A method's `layer` must name one module of the model, and its `trains` regexes some parameters."""
+    method, problems = cfg.method, []
+    layer = method.params.get("layer")
+    if layer is not None and layer not in dict(model.named_modules()):
+        blocks = [n for n, _ in model.named_modules() if re.fullmatch(r"(.*\.)?layers\.\d+", n)]
+        where = f"; its decoder layers are {blocks[0]} to {blocks[-1]}" if blocks else ""
+        problems.append(f"method.layer: {layer!r} is not a module of {source}{where}")
+    key = METHODS.get(method.name).meta.get("trains")
+    if key is None:
+        return problems
+    patterns = method.params[key]
+    try:
+        compiled = [re.compile(x) for x in patterns]
+    except re.error as e:
+        return [*problems, f"method.{key}: {e.pattern!r} is not a regular expression ({e})"]
+    if cfg.train.lora.enabled and patterns != METHODS.get(method.name).defaults()[key]:
+        problems.append(f"method.{key} chooses the parameters that train, and train.lora.enabled trains the LoRA "
+                        f"adapters instead; use one of the two")
+    elif not any(p.fullmatch(n) for p in compiled for n, _ in model.named_parameters()):
+        problems.append(f"method.{key}: {patterns} match no parameter of {source} (full match, e.g. "
+                        "'model\\.layers\\.(2|3)\\.mlp\\..*')")
+    return problems
 
 
 # Settings that change how a run goes, not its weights (packing: the same losses up to float rounding).

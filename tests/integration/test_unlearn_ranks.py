@@ -27,7 +27,13 @@ from unlearning.unlearn import job_spec
 
 pytestmark = pytest.mark.distributed
 
-METHODS = ["ga", "graddiff", "npo", "simnpo", "idkdpo"]
+METHODS = ["ga", "graddiff", "npo", "simnpo", "idkdpo", "wga", "satimp", "ceu", "undial", "rmu"]
+# RMU on the 2-layer pico model: steer the last layer's output, train the MLPs only.
+SECTIONS = {**{m: {"name": m} for m in METHODS},
+            "rmu": {"name": "rmu", "layer": "model.layers.1", "trainable": [r"model\.layers\.[01]\.mlp\..*"]}}
+# Every method whose maths differs in how it normalises (sequence, token, token subset, activation) or what it
+# reads (cached reference, live reference, hidden states) is checked 1 rank against 2.
+INVARIANT = ["graddiff", "npo", "wga", "ceu", "undial", "rmu"]
 TRAIN = {"lr": 1e-3, "max_steps": 4, "batch_size": 2, "warmup_ratio": 0.25}
 
 
@@ -75,7 +81,7 @@ def jobs(tmp_path_factory) -> Jobs:
     jobs.bound = -float(np.sum(_forget_logp(jobs, jobs.target))) / _forget_tokens(jobs) + 1.0
     jobs.floor = 0.5 * float(np.mean(_retain_probability(jobs, jobs.target)))
     for stage in (2, 3):
-        runs = {f"{m}-z{stage}": jobs.config({"name": m}, num_processes=2, zero_stage=stage) for m in METHODS}
+        runs = {f"{m}-z{stage}": jobs.config(SECTIONS[m], num_processes=2, zero_stage=stage) for m in METHODS}
         if stage == 2:
             runs["npo-z0"] = jobs.config({"name": "npo"}, num_processes=2, zero_stage=0)
             runs["npo-z1"] = jobs.config({"name": "npo"}, num_processes=2, zero_stage=1)
@@ -94,7 +100,7 @@ def jobs(tmp_path_factory) -> Jobs:
             runs["graddiff-kl-z3"] = jobs.config({"name": "graddiff", "retain_loss": "kl"}, num_processes=2,
                                                  zero_stage=3)
         jobs.launch(2, runs)
-    one_rank = {f"{m}-1rank": jobs.config({"name": m}, num_processes=1, batch_size=4) for m in ("graddiff", "npo")}
+    one_rank = {f"{m}-1rank": jobs.config(SECTIONS[m], num_processes=1, batch_size=4) for m in INVARIANT}
     one_rank["npo-1rank-z0"] = jobs.config({"name": "npo"}, num_processes=1, batch_size=4, zero_stage=0)
     jobs.launch(1, one_rank)
     return jobs
@@ -156,7 +162,7 @@ def test_zero0_and_zero1_take_the_same_steps_and_bf16_trains(jobs):
     assert _forget_logp(jobs, model_dir).mean() < _forget_logp(jobs, jobs.target).mean()
 
 
-@pytest.mark.parametrize("method", ["graddiff", "npo"])
+@pytest.mark.parametrize("method", INVARIANT)
 def test_one_rank_and_two_ranks_agree_at_the_same_effective_batch(jobs, method):
     """1 rank × 4 vs 2 ranks × 2: the same 4 items per step (rank-aware sampler) and token means taken over
     the global step (step normalisers), so only the order of fp32 sums differs. GradDiff's token-mean
@@ -165,6 +171,16 @@ def test_one_rank_and_two_ranks_agree_at_the_same_effective_batch(jobs, method):
     assert one == pytest.approx(two, rel=1e-5, abs=1e-6)
     if method == "npo":  # alone without ZeRO, the engine skips DeepSpeed's gradient all-reduce
         assert jobs.losses("npo-1rank-z0") == pytest.approx(two, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_rmu_trains_only_the_chosen_parameters(jobs, stage):
+    """`trainable` selects the pico model's MLP weights: everything else keeps the target's values exactly."""
+    saved = load_causal_lm(jobs.runs[f"rmu-z{stage}"] / "model").state_dict()
+    target = load_causal_lm(jobs.target).state_dict()
+    changed = {k for k in saved if not torch.equal(saved[k], target[k])}
+    assert changed and all(".mlp." in k for k in changed)
+    assert jobs.summary(f"rmu-z{stage}")["losses"][-1]["retain_loss"] >= 0
 
 
 def test_micro_batch_times_accumulation_equivalence(jobs):

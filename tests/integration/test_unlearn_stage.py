@@ -31,6 +31,18 @@ def test_problems_are_reported_before_any_rank_starts(tmp_path):
         unlearn(config(tmp_path, hostfile=str(tmp_path / "nope")))
 
 
+def test_a_method_layer_or_trainable_set_the_model_lacks_is_reported_before_any_rank_starts(tmp_path):
+    raw = pico_raw(tmp_path, model={"finetune": FINETUNE}, train={"batch_size": 2, "num_processes": 2},
+                   method={"name": "rmu", "layer": "model.layers.7", "trainable": [r"model\.layers\.9\..*"]})
+    with pytest.raises(UserError) as e:
+        unlearn(validate_config(raw))
+    text = "\n".join(e.value.problems)
+    assert "method.layer: 'model.layers.7' is not a module of the tiny model; its decoder layers are " \
+           "model.layers.0 to model.layers.1" in text
+    assert r"method.trainable: ['model\\.layers\\.9\\..*'] match no parameter of the tiny model" in text
+    assert not (tmp_path / "unlearn").exists() and not (tmp_path / "models").exists()
+
+
 @pytest.mark.slow
 def test_optimizer_offload_trains_and_matches_the_plain_run(tmp_path):
     """ZeRO-2 with the optimizer on the CPU uses DeepSpeed's CPU Adam (a one-time ~60 s JIT build): the

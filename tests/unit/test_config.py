@@ -77,6 +77,15 @@ def test_method_defaults_come_from_the_registered_function():
     assert explicit.method.alpha == 0.5 and explicit.method.params == {"beta": 0.2}
 
 
+def test_retain_terms_come_from_their_registry_and_embed_diff_needs_a_layer():
+    with pytest.raises(UserError, match=r"unknown retain loss 'mse'; valid: none, embed_diff, kl, nll"):
+        validate_config({"name": "x", "method": {"name": "graddiff", "retain_loss": "mse"}})
+    with pytest.raises(UserError, match=r"'embed_diff' compares the activations of the method's `layer`.*rmu"):
+        validate_config({"name": "x", "method": {"name": "npo", "retain_loss": "embed_diff"}})
+    rmu = validate_config({"name": "x", "method": {"name": "rmu", "layer": "model.layers.2"}})
+    assert rmu.method.retain_loss == "embed_diff" and rmu.method.params["trainable"] == [".*"]
+
+
 def test_source_specific_requirements():
     with pytest.raises(UserError) as info:
         validate_config({"name": "x", "data": {"source": "hf", "splits": {"forget": "forget10"}}})

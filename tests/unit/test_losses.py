@@ -8,6 +8,7 @@ import torch
 from unlearning.methods import METHODS, RETAIN_LOSSES
 from unlearning.methods.logprobs import (
     IGNORE_INDEX,
+    PositionLogits,
     SequenceLogProbs,
     mean_token_nll,
     sequence_logprobs,
@@ -100,15 +101,14 @@ def test_kl_hand_value_and_padding_ignored():
 
 
 def test_retain_losses_are_registered():
-    assert RETAIN_LOSSES.names() == ["kl", "nll"]
+    assert RETAIN_LOSSES.names() == ["embed_diff", "kl", "nll"]
     logits, labels = torch.zeros(1, 3, 4), torch.tensor([[IGNORE_INDEX, 1, 2]])
     batch = {"labels": labels, "attention_mask": torch.ones(1, 3, dtype=torch.long)}
     uniform = sequence_logprobs(logits, labels)  # 2 answer tokens at log(1/4) each
     assert RETAIN_LOSSES.get("nll").fn(uniform).item() == pytest.approx(math.log(4))
     assert RETAIN_LOSSES.get("nll").fn(uniform.with_norm(torch.tensor(4.0))).item() == pytest.approx(math.log(4) / 2)
-    assert RETAIN_LOSSES.get("kl").fn(logits, batch, ref_logits=logits).item() == pytest.approx(0.0)
-    with pytest.raises(ValueError, match="reference"):
-        RETAIN_LOSSES.get("kl").fn(logits, batch)
+    whole = PositionLogits(logits, batch["attention_mask"])
+    assert RETAIN_LOSSES.get("kl").fn(whole, whole).item() == pytest.approx(0.0)
 
 
 def test_step_norm_replaces_the_micro_batch_token_count():
@@ -125,6 +125,7 @@ def test_step_norm_replaces_the_micro_batch_token_count():
 
 
 def test_registered_methods_and_their_defaults():
-    assert METHODS.names() == ["finetune", "ga", "graddiff", "idkdpo", "npo", "simnpo"]
-    assert METHODS.get("npo").meta["needs_ref"] is True
+    assert METHODS.names() == ["ceu", "finetune", "ga", "graddiff", "idkdpo", "npo", "rmu", "satimp", "simnpo",
+                               "undial", "wga"]
+    assert METHODS.get("npo").meta["cached_ref"] is True
     assert METHODS.get("simnpo").defaults() == {"beta": 4.5, "delta": 0.0}

@@ -1,15 +1,113 @@
 """Unlearning methods: each a small loss function registered by name in `METHODS`.
 
-A method's function takes `SequenceLogProbs` bundles (keyword `forget`, plus `idk` for methods that
-contrast with a refusal) and its keyword-only hyper-parameters, and returns a scalar loss to minimise.
-Registry metadata holds the method's default weights (`gamma` forget, `alpha` retain), its default retain
-term, and whether it needs reference log-probs (`needs_ref`), which are computed once before training.
-Retain terms live in `RETAIN_LOSSES`.
+A method's function declares what it reads by its positional parameters, each a name from `READS`:
+`forget` (the forget answers' `SequenceLogProbs`), `forget_tokens` (the logits at the forget answers'
+positions, `AnswerTokens`), `ref_forget_tokens` (the same under the reference model, live),
+`forget_hidden` (the output of the method's `layer`, `HiddenStates`), `idk` (the refusal answers), and
+so on; the objective computes those and nothing else. Its keyword-only arguments are its
+hyper-parameters. Registry metadata holds the default weights (`gamma` forget, `alpha` retain), the
+default retain term, `cached_ref` (the starting model's sequence log-probs of the forget stream, computed
+once before training and attached to `forget` / `idk` as `ref_logp`) and `trains` (the parameter naming
+the regexes of the weights that train; all of them otherwise). Retain terms live in `RETAIN_LOSSES` and
+declare their reads the same way (`retain`, `retain_logits`, `ref_retain_hidden`, ...).
 """
 
-from unlearning.registry import Registry
+from __future__ import annotations
 
-METHODS = Registry("method")
-RETAIN_LOSSES = Registry("retain loss")
+import inspect
+from dataclasses import dataclass
+from typing import Any
 
-from unlearning.methods import finetune, ga, idkdpo, npo, retain, simnpo  # noqa: E402,F401  (registration)
+from unlearning.registry import Entry, Registry
+
+STREAMS = ("forget", "idk", "retain")
+KINDS = {"": "SequenceLogProbs: summed answer log-prob and length of each sequence",
+         "tokens": "AnswerTokens: the logits at the answer positions only",
+         "logits": "PositionLogits: the logits at every position",
+         "hidden": "HiddenStates: the output of the method's `layer` module"}
+
+
+@dataclass(frozen=True)
+class Read:
+    """One input a loss reads: a stream's micro-batch, what of the model's forward, and which model."""
+
+    stream: str
+    kind: str  # a key of KINDS
+    reference: bool  # the live reference model (adapter off under LoRA, a frozen copy otherwise)
+
+
+def parse_read(name: str) -> Read | None:
+    """The `Read` a parameter name stands for (`ref_retain_hidden` → retain, hidden, reference), or None."""
+    reference = name.startswith("ref_")
+    stream, _, kind = name.removeprefix("ref_").partition("_")
+    return Read(stream, kind, reference) if stream in STREAMS and kind in KINDS else None
+
+
+READS = sorted(f"{ref}{s}{'_' + k if k else ''}" for ref in ("", "ref_") for s in STREAMS for k in KINDS)
+
+
+def reads(entry: Entry) -> dict[str, Read]:
+    """What a registered loss reads, from its positional parameters, in order."""
+    params = inspect.signature(entry.fn).parameters.values()
+    named = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return {name: read for name in named if (read := parse_read(name)) is not None}
+
+
+def _check(entry: Entry, *, retain_term: bool) -> None:
+    """Registration-time checks: every positional parameter is a known read of the right streams."""
+    params = inspect.signature(entry.fn).parameters.values()
+    named = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    unknown = [n for n in named if parse_read(n) is None]
+    if unknown:
+        raise ValueError(f"{entry.name}: positional parameters {unknown} are not reads; valid: {', '.join(READS)}")
+    streams = {r.stream for r in reads(entry).values()}
+    allowed = {"retain"} if retain_term else {"forget", "idk"}
+    if not streams or not streams <= allowed:
+        raise ValueError(f"{entry.name}: reads {sorted(streams)}; a {'retain term' if retain_term else 'method'} reads "
+                         f"the {' / '.join(sorted(allowed))} stream(s)")
+    if any(r.kind == "hidden" for r in reads(entry).values()) and not retain_term and "layer" not in entry.params:
+        raise ValueError(f"{entry.name}: reads hidden states, so it needs a `layer` keyword parameter")
+    if entry.meta.get("cached_ref") and not ({"forget", "idk"} & set(reads(entry))):
+        raise ValueError(f"{entry.name}: cached_ref attaches reference log-probs to `forget` / `idk`, which it "
+                         "does not read")
+    trains = entry.meta.get("trains")
+    if trains is not None and trains not in entry.params:
+        raise ValueError(f"{entry.name}: trains={trains!r} is not one of its parameters")
+
+
+def method_reads(method: Any) -> dict[str, Read]:
+    """Everything a configured method (a `MethodConfig`) reads: its loss's and its retain term's."""
+    out = dict(reads(METHODS.get(method.name)))
+    if retain_active(method):
+        out.update(reads(RETAIN_LOSSES.get(str(method.retain_loss))))
+    return out
+
+
+def retain_active(method: Any) -> bool:
+    return method.retain_loss not in (None, "none") and (method.alpha or 0.0) > 0
+
+
+def _check_method(entry: Entry) -> None:
+    _check(entry, retain_term=False)
+
+
+def _check_retain(entry: Entry) -> None:
+    _check(entry, retain_term=True)
+
+
+METHODS = Registry("method", check=_check_method)
+RETAIN_LOSSES = Registry("retain loss", check=_check_retain)
+
+from unlearning.methods import (  # noqa: E402,F401  (registration)
+    ceu,
+    finetune,
+    ga,
+    idkdpo,
+    npo,
+    retain,
+    rmu,
+    satimp,
+    simnpo,
+    undial,
+    wga,
+)

@@ -11,13 +11,21 @@ of returning wrong numbers.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from unlearning.methods.logprobs import AnswerLayout, SequenceLogProbs, answer_layout, layout_logprobs, packing_pays
+from unlearning.methods.logprobs import (
+    AnswerLayout,
+    AnswerTokens,
+    SequenceLogProbs,
+    answer_layout,
+    layout_tokens,
+    packing_pays,
+)
 
 
 @dataclass(frozen=True)
@@ -35,13 +43,13 @@ _PROBED: weakref.WeakKeyDictionary[Any, Layouts] = weakref.WeakKeyDictionary()
 def layouts(model: Any) -> Layouts:
     """The `Layouts` a model supports, probed on its first use (a collective call under ZeRO-3: every
     rank probes the same inputs)."""
-    inner = _inner(model)
+    inner = inner_model(model)
     if inner not in _PROBED:
         _PROBED[inner] = _probe(inner)
     return _PROBED[inner]
 
 
-def _inner(model: Any) -> Any:
+def inner_model(model: Any) -> Any:
     """The model inside a training engine (DeepSpeed's or `TorchEngine`), else the model itself."""
     return getattr(model, "module", model)
 
@@ -98,12 +106,21 @@ def answer_logprobs_of(model: Any, batch: dict[str, torch.Tensor], *, pack: bool
         batch: `input_ids`, `labels` and `attention_mask`, (B, T), on the model's device.
         pack: allow packing (taken when the model supports it and it saves work).
     """
-    ways = layouts(model)
-    if pack and ways.pack:  # reading the lengths syncs with the device: only when packing is possible
-        hidden = getattr(_inner(model).config, "hidden_size", None) or 1024
-        pack = packing_pays(batch["attention_mask"].sum(1).tolist(), hidden)
-    layout = answer_layout(batch, pack=pack and ways.pack)
-    return layout_logprobs(kept_logits(model, layout), layout)
+    return answer_tokens_of(model, batch, pack=pack).sequences()
+
+
+def answer_tokens_of(model: Any, batch: Mapping[str, Any], *, pack: bool = True) -> AnswerTokens:
+    """The logits at the answer positions of a collated micro-batch (and the step normalisers it carries)."""
+    layout = answer_layout(dict(batch), pack=pack and packs(model, batch))
+    return layout_tokens(kept_logits(model, layout), layout, batch)
+
+
+def packs(model: Any, batch: Mapping[str, Any]) -> bool:
+    """Whether this micro-batch runs packed: the model supports it and it saves work."""
+    if not layouts(model).pack:
+        return False
+    hidden = getattr(inner_model(model).config, "hidden_size", None) or 1024
+    return packing_pays(batch["attention_mask"].sum(1).tolist(), hidden)  # reading the lengths syncs
 
 
 def kept_logits(model: Any, layout: AnswerLayout) -> torch.Tensor:

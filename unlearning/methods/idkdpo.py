@@ -9,7 +9,7 @@ from unlearning.methods import METHODS
 from unlearning.methods.logprobs import SequenceLogProbs
 
 
-@METHODS.register("idkdpo", gamma=1.0, alpha=1.0, retain_loss="nll", needs_ref=True, needs_idk=True)
+@METHODS.register("idkdpo", gamma=1.0, alpha=1.0, retain_loss="nll", cached_ref=True)
 def idkdpo(forget: SequenceLogProbs, idk: SequenceLogProbs, *, beta: float = 0.1) -> torch.Tensor:
     """L = −(2/β)·mean_i log σ(β·[(logπ_θ − logπ_ref)(y_idk) − (logπ_θ − logπ_ref)(y)]).
 

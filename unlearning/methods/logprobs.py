@@ -12,6 +12,7 @@ depend on the number of ranks.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,12 +123,106 @@ def packing_pays(lengths: list[int], hidden_size: int) -> bool:
     return n * per_token + n * n < padded * per_token + len(lengths) * max(lengths) ** 2
 
 
-def layout_logprobs(logits: torch.Tensor, layout: AnswerLayout) -> SequenceLogProbs:
-    """Summed answer log-prob and answer length of each sequence from the kept logits (M, V)."""
-    logp = -F.cross_entropy(logits.float(), layout.targets, reduction="none")  # (M,)
-    sums = torch.zeros(layout.size, dtype=logp.dtype, device=logp.device).index_add(0, layout.owner, logp)
-    counts = torch.bincount(layout.owner, minlength=layout.size).to(logp.dtype)
-    return SequenceLogProbs(sums, counts)
+@dataclass(frozen=True)
+class AnswerTokens:
+    """The model's logits at the positions that predict answer tokens, for per-token losses.
+
+    Attributes:
+        logits: (M, V), one row per answer token of the micro-batch, sequences in order.
+        targets: (M,) the answer token each row predicts. owner: (M,) its sequence, 0..size-1.
+        size: the number of sequences B.
+        norm: () the step normaliser of token means (see the module docstring); None: M.
+        step_counts: (G,) the answer-token count of every sequence of the optimizer step, and
+        micro_batches: how many micro-batches share the step; with both, `count_from` gives the step
+            normaliser of a mean over the tokens from the n-th of each answer on. None outside training.
+    """
+
+    logits: torch.Tensor
+    targets: torch.Tensor
+    owner: torch.Tensor
+    size: int
+    norm: torch.Tensor | None = None
+    step_counts: torch.Tensor | None = None
+    micro_batches: int | None = None
+
+    def logp(self) -> torch.Tensor:
+        """(M,) float32 log-prob of each answer token."""
+        return -F.cross_entropy(self.logits.float(), self.targets, reduction="none")
+
+    def sequences(self, logp: torch.Tensor | None = None) -> SequenceLogProbs:
+        """Per-sequence sums of `logp` (M,) (default: the token log-probs) and answer lengths."""
+        logp = self.logp() if logp is None else logp
+        sums = torch.zeros(self.size, dtype=logp.dtype, device=logp.device).index_add(0, self.owner, logp)
+        counts = torch.bincount(self.owner, minlength=self.size).to(logp.dtype)
+        return SequenceLogProbs(sums, counts, norm=self.norm)
+
+    def mean(self, values: torch.Tensor, keep: torch.Tensor | None = None, norm: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """Σ values / norm over the answer tokens (those in `keep`, (M,) bool, if given), a scalar.
+
+        `norm` defaults to the step normaliser, else the number of tokens counted."""
+        if keep is not None:
+            values = values[keep]
+        denom = norm if norm is not None else self.norm
+        if denom is None:
+            denom = torch.tensor(max(values.numel(), 1), dtype=values.dtype, device=values.device)
+        return values.sum() / denom
+
+    def position(self) -> torch.Tensor:
+        """(M,) each token's index within its answer: 0 for the first answer token of each sequence."""
+        counts = torch.bincount(self.owner, minlength=self.size)
+        starts = torch.cumsum(counts, 0) - counts
+        return torch.arange(self.owner.numel(), device=self.owner.device) - starts[self.owner]
+
+    def count_from(self, n: int) -> torch.Tensor | None:
+        """The step normaliser of a token mean that skips the first `n` tokens of every answer."""
+        if self.step_counts is None or not self.micro_batches:
+            return None
+        return (self.step_counts - n).clamp(min=0).sum() / self.micro_batches
+
+
+def layout_tokens(logits: torch.Tensor, layout: AnswerLayout, batch: Mapping[str, Any] | None = None
+                  ) -> AnswerTokens:
+    """The `AnswerTokens` of the kept logits (M, V), with the step normalisers a training batch carries."""
+    batch = batch or {}
+    micro = batch.get("micro_batches")
+    return AnswerTokens(logits, layout.targets, layout.owner, layout.size, batch.get("answer_norm"),
+                        batch.get("step_answer_tokens"), None if micro is None else int(micro))
+
+
+@dataclass(frozen=True)
+class PositionLogits:
+    """A model's logits at every position of a micro-batch, for losses over whole next-token distributions.
+
+    Attributes:
+        logits: (B, T, V). attention_mask: (B, T), 1 for real tokens.
+        norm: () the step normaliser of means over positions (`position_norm`); None: this batch's count.
+    """
+
+    logits: torch.Tensor
+    attention_mask: torch.Tensor
+    norm: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class HiddenStates:
+    """The output of one named module (a decoder layer) on a micro-batch.
+
+    Attributes:
+        states: (B, T, D). mask: (B, T) bool, the answer tokens' positions (labels that count).
+    """
+
+    states: torch.Tensor
+    mask: torch.Tensor
+
+    def mean_squared_distance(self, other: torch.Tensor) -> torch.Tensor:
+        """mean_b [Σ_t∈answer mean_d (h − other)² / |answer_b|]: the activation distance of RMU, a scalar.
+
+        `other` broadcasts against the states ((B, T, D), or (1, 1, D) for a steering vector)."""
+        diff = (self.states.float() - other.float()).pow(2).mean(-1)  # (B, T)
+        mask = self.mask.to(diff.dtype)
+        per_sequence = (diff * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        return per_sequence.mean()
 
 
 def mean_token_nll(logits: torch.Tensor, labels: torch.Tensor, norm: torch.Tensor | None = None) -> torch.Tensor:

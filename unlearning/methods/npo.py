@@ -9,7 +9,7 @@ from unlearning.methods import METHODS
 from unlearning.methods.logprobs import SequenceLogProbs
 
 
-@METHODS.register("npo", gamma=1.0, alpha=1.0, retain_loss="nll", needs_ref=True)
+@METHODS.register("npo", gamma=1.0, alpha=1.0, retain_loss="nll", cached_ref=True)
 def npo(forget: SequenceLogProbs, *, beta: float = 0.1) -> torch.Tensor:
     """L = −(2/β)·mean_i log σ(−β·(logπ_θ(y_i|x_i) − logπ_ref(y_i|x_i))).
 

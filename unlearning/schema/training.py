@@ -64,7 +64,7 @@ class MethodConfig(BaseModel):
     name: str = "graddiff"
     gamma: float | None = Field(None, ge=0)
     alpha: float | None = Field(None, ge=0)
-    retain_loss: Literal["nll", "kl", "none"] | None = None
+    retain_loss: str | None = None  # a registered retain term (methods/retain.py) or "none"
 
     @property
     def params(self) -> dict[str, Any]:

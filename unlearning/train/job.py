@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,12 +32,13 @@ from unlearning.config import validate_config
 from unlearning.data.pairing import refusal_rows
 from unlearning.data.prepare import PreparedData
 from unlearning.memory import peak_rss_mb, rss_mb
+from unlearning.methods import METHODS
 from unlearning.methods.answers import layouts
-from unlearning.schema import ExperimentConfig, LoraConfig
+from unlearning.schema import ExperimentConfig, LoraConfig, MethodConfig
 from unlearning.train import engine as ds
 from unlearning.train.complete import step_of
 from unlearning.train.loop import LoopResult, run_loop
-from unlearning.train.objective import UnlearningObjective, needs
+from unlearning.train.objective import Reference, UnlearningObjective, needs
 from unlearning.train.reference import reference_logprobs
 from unlearning.train.sampler import Layout, Stream, micro_batches
 from unlearning.train.stopping import StopRuleError, StopRules
@@ -68,16 +69,28 @@ def apply_lora(model: Any, lora: LoraConfig) -> Any:
                                                 target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
 
 
-def _ref_logits_fn(cfg: ExperimentConfig, engine: Any, target: str, ds_config: dict[str, Any]
-                   ) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
-    """Live reference logits for KL: the adapter switched off under LoRA, else a frozen copy."""
+def live_reference(cfg: ExperimentConfig, engine: Any, target: str, ds_config: dict[str, Any]) -> Reference:
+    """The live reference model: the adapter switched off under LoRA, else a frozen copy of the target."""
     if cfg.train.lora.enabled:
-        def with_adapter_off(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            with engine.module.disable_adapter():
-                return engine.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return with_adapter_off
-    ref = ds.frozen_reference(target, ds_config, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code)
-    return lambda batch: ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return Reference(engine.module, engine.module.disable_adapter)
+    return Reference(ds.frozen_reference(target, ds_config, dtype=torch.float32,
+                                         trust_remote_code=cfg.model.trust_remote_code))
+
+
+def select_trainable(model: Any, method: MethodConfig) -> int:
+    """Freeze every parameter that the method's `trains` regexes (full match) leave out; returns how many
+    parameter tensors train. Methods without `trains` train all of them (or the LoRA adapters)."""
+    key = METHODS.get(method.name).meta.get("trains")
+    if key is None:
+        return sum(1 for p in model.parameters() if p.requires_grad)
+    patterns = [re.compile(x) for x in method.params[key]]
+    chosen = 0
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(p.fullmatch(name) for p in patterns))
+        chosen += int(param.requires_grad)
+    if not chosen:
+        raise JobError(f"method.{key}: {method.params[key]} match no parameter of the model")
+    return chosen
 
 
 def _streams(cfg: ExperimentConfig, engine: Any, splits: Any, tok: Any, need: dict[str, bool],
@@ -200,6 +213,8 @@ def run(spec: dict[str, Any]) -> JobOutput:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if train.lora.enabled:
         model = apply_lora(model, train.lora)
+    else:
+        select_trainable(model, cfg.method)
     engine = ds.initialize(model, ds_config, total_steps=train.max_steps, warmup_ratio=train.warmup_ratio,
                            schedule=train.schedule)
     state = ds.load_latest(engine, ckpt_dir) or {}
@@ -209,9 +224,11 @@ def run(spec: dict[str, Any]) -> JobOutput:
     prepared = PreparedData(Path(spec["data"]), spec["data_fingerprint"])
     splits, tok, need = prepared.splits(), prepared.tokenizer(), needs(cfg.method)
     streams = _streams(cfg, engine, splits, tok, need, spec.get("ref_cache"), resumed=start_step > 0)
-    ref_logits = _ref_logits_fn(cfg, engine, spec["target"], ds_config) if need["ref_model"] else None
+    reference = live_reference(cfg, engine, spec["target"], ds_config) if need["ref_model"] else None
     ways = layouts(engine)  # probed now, on every rank (a collective forward under ZeRO-3)
-    objective = UnlearningObjective(cfg.method, ref_logits, pack=train.packing)
+    if reference is not None:
+        layouts(reference.model)
+    objective = UnlearningObjective(cfg.method, reference, pack=train.packing)
     layout = Layout(train.batch_size, place.world, train.grad_accum)
     batches = micro_batches(streams, layout, rank=place.rank, seed=cfg.seed, pad_id=tok.pad_token_id,
                             start_step=start_step, paired={"idk": "forget"} if "idk" in streams else None)

@@ -1,36 +1,95 @@
-"""Compose a method's forget loss and a retain term into the loop's objective: γ·forget + α·retain."""
+"""Compose a method's forget loss and a retain term into the loop's objective: γ·forget + α·retain.
+
+A loss reads what its positional parameters name (`methods/__init__.READS`); the objective runs, per
+stream of the micro-batch (forget, idk, retain), one forward of the model being trained when anything
+of that stream is read (the forget stream always: its answer NLL is the run's `forget_nll`), and one of
+the live reference model when a `ref_` read of that stream is declared. Each forward computes only what
+is read of it: the logits at the answer positions (packed where that pays), the logits of every position,
+and/or the output of the method's `layer` (a forward hook).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from unlearning.methods import METHODS, RETAIN_LOSSES
-from unlearning.methods.answers import answer_logprobs_of
-from unlearning.methods.logprobs import SequenceLogProbs
+from unlearning.methods import METHODS, RETAIN_LOSSES, Read, method_reads, reads, retain_active
+from unlearning.methods.answers import answer_tokens_of, inner_model, kept_logits
+from unlearning.methods.logprobs import IGNORE_INDEX, HiddenStates, PositionLogits, answer_layout, layout_tokens
 from unlearning.schema import MethodConfig
 
-RefLogits = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+@dataclass(frozen=True)
+class Reference:
+    """The live reference model: `model` called inside `switch()` (the adapter off under LoRA; a frozen
+    copy, partitioned under ZeRO-3, with a no-op switch otherwise)."""
+
+    model: Any
+    switch: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
 
 
 def needs(method: MethodConfig) -> dict[str, bool]:
-    """What a configured method needs besides the forget batch."""
-    meta = METHODS.get(method.name).meta
-    retain = method.retain_loss not in (None, "none") and (method.alpha or 0.0) > 0
+    """What a configured method needs besides the forget batch, from its declared reads."""
+    declared = method_reads(method).values()
     return {
-        "ref_logp": bool(meta.get("needs_ref")),
-        "idk": bool(meta.get("needs_idk")),
-        "retain": retain,
-        "ref_model": retain and bool(RETAIN_LOSSES.get(str(method.retain_loss)).meta.get("needs_ref_model")),
+        "ref_logp": bool(METHODS.get(method.name).meta.get("cached_ref")),
+        "idk": any(r.stream == "idk" for r in declared),
+        "retain": retain_active(method),
+        "ref_model": any(r.reference for r in declared),
     }
 
 
-def _answer_logprobs(engine: Any, batch: dict[str, torch.Tensor], pack: bool) -> SequenceLogProbs:
-    seq = answer_logprobs_of(engine, batch, pack=pack).with_norm(batch.get("answer_norm"))
-    return seq.with_ref(batch["ref_logp"]) if "ref_logp" in batch else seq
+def find_module(model: Any, name: str) -> torch.nn.Module:
+    """The submodule called `name` (or ending in `.name`, as under a peft wrapper) of a model or engine."""
+    found = [m for n, m in inner_model(model).named_modules() if n == name or n.endswith("." + name)]
+    if len(found) != 1:
+        raise ValueError(f"{len(found)} modules of the model are named {name!r}; expected exactly one")
+    return found[0]
+
+
+@contextlib.contextmanager
+def _capture(model: Any, layer: str | None) -> Iterator[list[torch.Tensor]]:
+    """Collect the output of `layer` (its first element when a tuple) during the forwards inside."""
+    captured: list[torch.Tensor] = []
+    if layer is None:
+        yield captured
+        return
+
+    def hook(_module: Any, _args: Any, output: Any) -> None:
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = find_module(model, layer).register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def forward(model: Any, batch: dict[str, Any], kinds: set[str], *, layer: str | None, pack: bool) -> dict[str, Any]:
+    """One forward of `model` on a micro-batch, returning the `kinds` asked for (see `methods.KINDS`):
+    "" and "tokens" from the answer-position logits, "logits" from every position, "hidden" from `layer`."""
+    out: dict[str, Any] = {}
+    with _capture(model, layer if "hidden" in kinds else None) as captured:
+        if "logits" in kinds:
+            full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            out["logits"] = PositionLogits(full, batch["attention_mask"], batch.get("position_norm"))
+            layout = answer_layout(batch, pack=False)
+            tokens = layout_tokens(full[layout.keep], layout, batch)
+        elif "hidden" in kinds:  # unpacked: the states keep the batch's (B, T) layout
+            layout = answer_layout(batch, pack=False)
+            tokens = layout_tokens(kept_logits(model, layout), layout, batch)
+        else:
+            tokens = answer_tokens_of(model, batch, pack=pack)
+    out["tokens"] = tokens
+    seq = tokens.sequences()
+    out[""] = seq.with_ref(batch["ref_logp"]) if "ref_logp" in batch else seq
+    if "hidden" in kinds:
+        out["hidden"] = HiddenStates(captured[0], batch["labels"] != IGNORE_INDEX)
+    return out
 
 
 @dataclass
@@ -44,42 +103,58 @@ class UnlearningObjective:
 
     Args:
         method: the resolved method config (name, gamma, alpha, retain_loss and its parameters).
-        ref_logits: the reference model's logits on a batch, for retain terms that need them.
+        reference: the live reference model, for losses with `ref_` reads.
         pack: let micro-batches run packed where the model supports it and it saves work (see
             `methods/answers.py`); the losses are the same either way, up to float rounding.
     """
 
     method: MethodConfig
-    ref_logits: RefLogits | None = None
+    reference: Reference | None = None
     pack: bool = True
-    _needs: dict[str, bool] = field(init=False)
+    _reads: dict[str, Read] = field(init=False)
 
     def __post_init__(self) -> None:
-        self._needs = needs(self.method)
-        self._forget_fn = METHODS.get(self.method.name).fn
-        self._retain_fn = RETAIN_LOSSES.get(str(self.method.retain_loss)).fn if self._needs["retain"] else None
-        if self._needs["ref_model"] and self.ref_logits is None:
-            raise ValueError(f"retain loss {self.method.retain_loss!r} needs a reference model's logits")
+        entry = METHODS.get(self.method.name)
+        self._forget_fn, self._forget_reads = entry.fn, reads(entry)
+        self._retain_fn, self._retain_reads = None, {}
+        if retain_active(self.method):
+            retain = RETAIN_LOSSES.get(str(self.method.retain_loss))
+            self._retain_fn, self._retain_reads = retain.fn, reads(retain)
+        self._reads = {**self._forget_reads, **self._retain_reads}
+        self._layer = self.method.params.get("layer")
+        if any(r.reference for r in self._reads.values()) and self.reference is None:
+            raise ValueError(f"method {self.method.name!r} (retain {self.method.retain_loss!r}) reads the live "
+                             "reference model, and none was given")
+
+    def forwards(self) -> dict[tuple[str, bool], set[str]]:
+        """(stream, reference?) → the kinds read of that forward: the forwards each micro-step runs."""
+        plan: dict[tuple[str, bool], set[str]] = {("forget", False): {""}}
+        for r in self._reads.values():
+            plan.setdefault((r.stream, r.reference), set()).add(r.kind)
+        return plan
 
     def __call__(self, engine: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         device = _device(engine)
         batch = {name: {k: v.to(device) for k, v in part.items()} for name, part in batch.items()}
-        forget = _answer_logprobs(engine, batch["forget"], self.pack)
-        inputs = {"forget": forget}
-        if self._needs["idk"]:
-            inputs["idk"] = _answer_logprobs(engine, batch["idk"], self.pack)
-        forget_loss = self._forget_fn(**inputs, **self.method.params)
-        loss = float(self.method.gamma or 0.0) * forget_loss
-        metrics = {"forget_loss": forget_loss.detach(), "forget_nll": -forget.token_mean().detach()}
-        if self._retain_fn is not None:
-            retain = batch["retain"]
-            if self._needs["ref_model"]:  # a term over the whole next-token distributions (KL)
-                logits = engine(input_ids=retain["input_ids"], attention_mask=retain["attention_mask"]).logits
-                with torch.no_grad():
-                    ref = self.ref_logits(retain) if self.ref_logits is not None else None
-                retain_loss = self._retain_fn(logits, retain, ref)
+        outputs: dict[tuple[str, bool], dict[str, Any]] = {}
+        for (stream, ref), kinds in self.forwards().items():
+            if ref:
+                assert self.reference is not None
+                with torch.no_grad(), self.reference.switch():
+                    outputs[stream, ref] = forward(self.reference.model, batch[stream], kinds, layer=self._layer,
+                                                   pack=self.pack)
             else:
-                retain_loss = self._retain_fn(_answer_logprobs(engine, retain, self.pack))
+                outputs[stream, ref] = forward(engine, batch[stream], kinds, layer=self._layer, pack=self.pack)
+
+        def values(declared: dict[str, Read]) -> dict[str, Any]:
+            return {name: outputs[r.stream, r.reference][r.kind] for name, r in declared.items()}
+
+        forget_loss = self._forget_fn(**values(self._forget_reads), **self.method.params)
+        loss = float(self.method.gamma or 0.0) * forget_loss
+        forget_nll = -outputs["forget", False][""].token_mean().detach()
+        metrics = {"forget_loss": forget_loss.detach(), "forget_nll": forget_nll}
+        if self._retain_fn is not None:
+            retain_loss = self._retain_fn(**values(self._retain_reads))
             loss = loss + float(self.method.alpha or 0.0) * retain_loss
             metrics["retain_loss"] = retain_loss.detach()
         metrics["loss"] = loss.detach()

@@ -10,7 +10,9 @@ takes the B items at offset (k·W + r)·B. Hence:
 - a resumed run starts at any step without replaying the ones before it.
 
 Each micro-batch also carries the step normalisers (`answer_norm`, `position_norm`, see
-`methods/logprobs.py`), computed from all G items of the step, which every rank can see.
+`methods/logprobs.py`), computed from all G items of the step, which every rank can see, and the step's
+per-item answer lengths (`step_answer_tokens`) and micro-batch count, from which a loss that counts only
+some of each answer's tokens derives its own.
 """
 
 from __future__ import annotations
@@ -78,6 +80,8 @@ class Stream:
         out: dict[str, Any] = collate([self.rows[i] for i in items], pad_id)
         out["answer_norm"] = self.answer_tokens[step_items].sum() / micro_batches
         out["position_norm"] = self.positions[step_items].sum() / micro_batches
+        out["step_answer_tokens"] = self.answer_tokens[step_items]  # per-token losses' own normalisers
+        out["micro_batches"] = torch.tensor(micro_batches)
         out["index"] = torch.tensor(items)
         for key, values in self.extra.items():
             out[key] = values[items]
