@@ -104,6 +104,8 @@ class Registry:
                 key = ".".join(str(p) for p in err["loc"])
                 if err["type"] == "extra_forbidden":
                     problems.append(f"{where}.{key}: not a parameter of {self.kind} {name!r}; valid: {valid}")
+                elif err["type"] == "missing":
+                    problems.append(f"{where}.{key}: {self.kind} {name!r} needs it (it has no default); set it")
                 else:
                     problems.append(f"{where}.{key}: {err['msg']} (got {err.get('input')!r})")
             return {}, problems

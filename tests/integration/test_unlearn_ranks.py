@@ -27,13 +27,15 @@ from unlearning.unlearn import job_spec
 
 pytestmark = pytest.mark.distributed
 
-METHODS = ["ga", "graddiff", "npo", "simnpo", "idkdpo", "wga", "satimp", "ceu", "undial", "rmu"]
-# RMU on the 2-layer pico model: steer the last layer's output, train the MLPs only.
+METHODS = ["ga", "graddiff", "npo", "simnpo", "idkdpo", "wga", "satimp", "ceu", "undial", "rmu", "pdu"]
+# RMU on the 2-layer pico model: steer the last layer's output, train the MLPs only. PDU: its dual weight
+# moves from the first step.
 SECTIONS = {**{m: {"name": m} for m in METHODS},
-            "rmu": {"name": "rmu", "layer": "model.layers.1", "trainable": [r"model\.layers\.[01]\.mlp\..*"]}}
+            "rmu": {"name": "rmu", "layer": "model.layers.1", "trainable": [r"model\.layers\.[01]\.mlp\..*"]},
+            "pdu": {"name": "pdu", "retain_loss_eps": 0.5, "dual_warmup_epochs": 0.0}}
 # Every method whose maths differs in how it normalises (sequence, token, token subset, activation) or what it
 # reads (cached reference, live reference, hidden states) is checked 1 rank against 2.
-INVARIANT = ["graddiff", "npo", "wga", "ceu", "undial", "rmu"]
+INVARIANT = ["graddiff", "npo", "wga", "ceu", "undial", "rmu", "pdu"]
 TRAIN = {"lr": 1e-3, "max_steps": 4, "batch_size": 2, "warmup_ratio": 0.25}
 
 
@@ -181,6 +183,15 @@ def test_rmu_trains_only_the_chosen_parameters(jobs, stage):
     changed = {k for k in saved if not torch.equal(saved[k], target[k])}
     assert changed and all(".mlp." in k for k in changed)
     assert jobs.summary(f"rmu-z{stage}")["losses"][-1]["retain_loss"] >= 0
+
+
+def test_pdu_raises_its_retain_weight_by_the_broken_constraint(jobs):
+    """λ starts at alpha = 1 and moves by the rank-averaged retain loss minus ε = 0.5 after every step."""
+    history = jobs.summary("pdu-z2")["losses"]
+    weights = [h["retain_weight"] for h in history]
+    assert weights[0] == 1.0
+    for before, after, record in zip(weights, weights[1:], history, strict=False):
+        assert after == pytest.approx(max(0.0, before + record["retain_loss"] - 0.5), rel=1e-6)
 
 
 def test_micro_batch_times_accumulation_equivalence(jobs):

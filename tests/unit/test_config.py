@@ -82,6 +82,8 @@ def test_retain_terms_come_from_their_registry_and_embed_diff_needs_a_layer():
         validate_config({"name": "x", "method": {"name": "graddiff", "retain_loss": "mse"}})
     with pytest.raises(UserError, match=r"'embed_diff' compares the activations of the method's `layer`.*rmu"):
         validate_config({"name": "x", "method": {"name": "npo", "retain_loss": "embed_diff"}})
+    with pytest.raises(UserError, match=r"method.retain_loss_eps: method 'pdu' needs it \(it has no default\)"):
+        validate_config({"name": "x", "method": {"name": "pdu"}})
     rmu = validate_config({"name": "x", "method": {"name": "rmu", "layer": "model.layers.2"}})
     assert rmu.method.retain_loss == "embed_diff" and rmu.method.params["trainable"] == [".*"]
 

@@ -69,6 +69,7 @@ class Counted:
     ({"name": "ceu"}, 1, 0),
     ({"name": "undial"}, 1, 1),
     ({"name": "rmu", "layer": "model.layers.0"}, 2, 1),
+    ({"name": "pdu", "retain_loss_eps": 1.0}, 2, 0),
 ])
 def test_each_method_runs_only_the_forwards_it_reads(model, raw, live, reference):
     trained, frozen = copy.deepcopy(model), copy.deepcopy(model)
@@ -128,3 +129,20 @@ def test_rmu_reads_the_named_layer_output(model):
     expected = ((diff * answer).sum(-1) / answer.sum(-1)).mean()
     _, metrics = UnlearningObjective(method(name="rmu", layer="model.layers.0", alpha=0.0))(model, b)
     torch.testing.assert_close(metrics["forget_loss"], expected.detach(), atol=1e-6, rtol=1e-5, check_dtype=False)
+
+
+def test_the_dual_retain_weight_is_used_updated_and_restored_on_resume(model):
+    """PDU's loss is γ·forget + λ·retain with λ from alpha, then updated from each step's record; a resumed
+    run recomputes λ from the last recorded step."""
+    objective = UnlearningObjective(method(name="pdu", alpha=2.0, retain_loss_eps=0.5, dual_step_size=1.0,
+                                           dual_warmup_epochs=0.0))
+    loss, metrics = objective(model, batch())
+    assert metrics["retain_weight"].item() == 2.0
+    assert loss.item() == pytest.approx(metrics["forget_loss"].item() + 2.0 * metrics["retain_loss"].item(), rel=1e-6)
+    record = {"step": 1, **{k: v.item() for k, v in metrics.items()}}
+    objective.after_step(record, epoch=1.0)
+    assert objective.retain_weight == pytest.approx(2.0 + record["retain_loss"] - 0.5)
+    again = UnlearningObjective(method(name="pdu", alpha=2.0, retain_loss_eps=0.5, dual_step_size=1.0,
+                                       dual_warmup_epochs=0.0))
+    again.resume([record], steps_per_epoch=3)
+    assert again.retain_weight == objective.retain_weight

@@ -132,3 +132,18 @@ def test_registration_refuses_a_malformed_method():
         bad.register("no_layer")(lambda forget_hidden: forget_hidden)
     with pytest.raises(ValueError, match="cached_ref"):
         bad.register("ref_unread", cached_ref=True)(lambda forget_tokens: forget_tokens)
+
+
+def test_pdu_flattens_the_answer_logits_and_its_dual_weight_follows_the_retain_constraint():
+    """Rows (3, 0, 0, 1): (max − mean)² = (3 − 1)² = 4, and uniform: 0; the mean is 2. The dual weight
+    after a step with retain loss 1.5 against ε = 1: 2 + 0.5·(1.5 − 1) = 2.25; one under ε lowers it, never
+    below 0; during the warm-up epochs it stays."""
+    from unlearning.methods.pdu import dual_update
+
+    t = tokens([[3.0, 0, 0, 1], [0.0, 0, 0, 0]], [0, 0], [0, 1])
+    assert METHODS.get("pdu").fn(t, retain_loss_eps=1.0).item() == pytest.approx(2.0)
+    params = {"retain_loss_eps": 1.0, "dual_step_size": 0.5, "dual_warmup_epochs": 1.0, "primal_dual": True}
+    assert dual_update(2.0, {"retain_loss": 1.5}, epoch=1.0, **params) == pytest.approx(2.25)
+    assert dual_update(0.1, {"retain_loss": 0.0}, epoch=3.0, **params) == 0.0
+    assert dual_update(2.0, {"retain_loss": 1.5}, epoch=0.5, **params) == 2.0
+    assert dual_update(2.0, {"retain_loss": 1.5}, epoch=9.0, **{**params, "primal_dual": False}) == 2.0

@@ -8,7 +8,8 @@ so on; the objective computes those and nothing else. Its keyword-only arguments
 hyper-parameters. Registry metadata holds the default weights (`gamma` forget, `alpha` retain), the
 default retain term, `cached_ref` (the starting model's sequence log-probs of the forget stream, computed
 once before training and attached to `forget` / `idk` as `ref_logp`) and `trains` (the parameter naming
-the regexes of the weights that train; all of them otherwise). Retain terms live in `RETAIN_LOSSES` and
+the regexes of the weights that train; all of them otherwise) and `dual` (a function updating the
+retain weight after each optimizer step, `methods/pdu.py`). Retain terms live in `RETAIN_LOSSES` and
 declare their reads the same way (`retain`, `retain_logits`, `ref_retain_hidden`, ...).
 """
 
@@ -104,6 +105,7 @@ from unlearning.methods import (  # noqa: E402,F401  (registration)
     ga,
     idkdpo,
     npo,
+    pdu,
     retain,
     rmu,
     satimp,

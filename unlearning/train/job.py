@@ -230,6 +230,8 @@ def run(spec: dict[str, Any]) -> JobOutput:
         layouts(reference.model)
     objective = UnlearningObjective(cfg.method, reference, pack=train.packing)
     layout = Layout(train.batch_size, place.world, train.grad_accum)
+    steps_per_epoch = max(1, len(streams["forget"]) // layout.global_batch)
+    objective.resume(history, steps_per_epoch)
     batches = micro_batches(streams, layout, rank=place.rank, seed=cfg.seed, pad_id=tok.pad_token_id,
                             start_step=start_step, paired={"idk": "forget"} if "idk" in streams else None)
 
@@ -249,6 +251,7 @@ def run(spec: dict[str, Any]) -> JobOutput:
     def on_step(record: dict[str, float]) -> str | None:
         step = int(record["step"])
         history.append(record)
+        objective.after_step(record, epoch=step / steps_per_epoch)
         reason = rules.after(record)
         due = (bool(train.snapshot_every) and step % train.snapshot_every == 0) or step in train.snapshot_steps
         snapshot = due and not reason and step < train.max_steps  # the run's last step is its model/

@@ -122,6 +122,8 @@ class UnlearningObjective:
             self._retain_fn, self._retain_reads = retain.fn, reads(retain)
         self._reads = {**self._forget_reads, **self._retain_reads}
         self._layer = self.method.params.get("layer")
+        self._dual = entry.meta.get("dual")
+        self.retain_weight = float(self.method.alpha or 0.0)
         if any(r.reference for r in self._reads.values()) and self.reference is None:
             raise ValueError(f"method {self.method.name!r} (retain {self.method.retain_loss!r}) reads the live "
                              "reference model, and none was given")
@@ -155,10 +157,25 @@ class UnlearningObjective:
         metrics = {"forget_loss": forget_loss.detach(), "forget_nll": forget_nll}
         if self._retain_fn is not None:
             retain_loss = self._retain_fn(**values(self._retain_reads))
-            loss = loss + float(self.method.alpha or 0.0) * retain_loss
+            loss = loss + self.retain_weight * retain_loss
             metrics["retain_loss"] = retain_loss.detach()
+            if self._dual is not None:
+                metrics["retain_weight"] = torch.tensor(self.retain_weight, device=device)
         metrics["loss"] = loss.detach()
         return loss, metrics
+
+
+    def after_step(self, record: dict[str, float], epoch: float) -> None:
+        """Update a dual retain weight (PDU) from the step's record (the same on every rank); `epoch`: the
+        forget-set epochs done."""
+        if self._dual is not None and "retain_loss" in record:
+            self.retain_weight = self._dual(record["retain_weight"], record, epoch=epoch, **self.method.params)
+
+    def resume(self, history: list[dict[str, float]], steps_per_epoch: int) -> None:
+        """Restore the dual retain weight of a resumed run: the update after its last recorded step."""
+        if self._dual is not None and history:
+            last = history[-1]
+            self.after_step(last, epoch=last["step"] / steps_per_epoch)
 
 
 def _device(engine: Any) -> torch.device:
