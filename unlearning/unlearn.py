@@ -323,12 +323,52 @@ def _stop_group(proc: subprocess.Popen[bytes]) -> None:
 def job_spec(cfg: ExperimentConfig, target: str, prepared: PreparedData) -> tuple[Path, dict[str, Any]]:
     """The run directory of this unlearning run and the spec its ranks read."""
     run_dir = cfg.out / "unlearn" / f"{cfg.method.name}-{run_key(cfg, target, prepared)}"
+    alternatives = alternatives_path(cfg, target, prepared)
     # LoRA starts at B = 0, so its starting model is the target itself and shares the cache.
-    ref_key = content_hash(model_identity(target), prepared.fingerprint, cfg.seed, cfg.train.bf16)
+    ref_key = content_hash(model_identity(target), prepared.fingerprint, cfg.seed, cfg.train.bf16,
+                           *([alternatives.stem] if alternatives else []))
     config = cfg.model_copy(update={"methods": []}).to_dict()  # the ranks run this one method
     return run_dir, {"config": config, "target": target, "data": str(prepared.path),
                      "data_fingerprint": prepared.fingerprint, "run_dir": str(run_dir),
-                     "ref_cache": str(cfg.out / "reference" / f"{ref_key}.safetensors")}
+                     "ref_cache": str(cfg.out / "reference" / f"{ref_key}.safetensors"),
+                     "alternatives": str(alternatives) if alternatives else None}
+
+
+ALTERNATIVE_PARAMS = ("instruct", "tries", "temperature", "max_new_tokens")
+
+
+def alternatives_path(cfg: ExperimentConfig, target: str | Path, prepared: PreparedData) -> Path | None:
+    """Where the alternative answers of a method that reads them (AltPO) are kept: keyed by the target,
+    the data, the seed and the generation parameters. None for other methods."""
+    if not needs(cfg.method)["alt"]:
+        return None
+    params = {k: cfg.method.params[k] for k in ALTERNATIVE_PARAMS if k in cfg.method.params}
+    key = content_hash(model_identity(target), prepared.fingerprint, cfg.seed, params)
+    return cfg.out / "alternatives" / f"{key}.json"
+
+
+def write_alternatives(cfg: ExperimentConfig, target: str | Path, prepared: PreparedData, path: Path) -> None:
+    """Have the target write one alternative answer per forget question (`data/alternatives.py`), once."""
+    if path.is_file():
+        return
+    import torch
+
+    from unlearning.data.alternatives import alternatives
+    from unlearning.models import load_causal_lm
+
+    tok, forget = prepared.tokenizer(), list(prepared.splits()["forget"])
+    model = load_causal_lm(target, cfg.model.dtype, cfg.model.trust_remote_code)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    params = cfg.method.params
+    instruct = params.get("instruct")
+    written = alternatives(model, tok, cfg.data.template, forget,
+                           instruct=cfg.data.template.uses_chat(tok) if instruct is None else bool(instruct),
+                           tries=params["tries"], temperature=params["temperature"],
+                           max_new_tokens=params["max_new_tokens"], seed=cfg.seed)
+    sources = {s: sum(1 for a in written if a["source"] == s) for s in ("generated", "perturbed", "refusal")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps({"target": str(target), "sources": sources, "alternatives": written}, indent=1))
 
 
 def unlearn(cfg: ExperimentConfig, *, prepared: PreparedData | None = None, built: BuiltModels | None = None,
@@ -388,6 +428,8 @@ def unlearn_many(cfgs: Mapping[str, ExperimentConfig], *, prepared: PreparedData
         groups.setdefault(launch_group(cfgs[label]), []).append(label)
     for labels in groups.values():
         for label in labels:
+            if jobs[label][1]["alternatives"]:
+                write_alternatives(cfgs[label], targets[label], data[label], Path(jobs[label][1]["alternatives"]))
             jobs[label][0].mkdir(parents=True, exist_ok=True)
             (jobs[label][0] / "config.yaml").write_text(dump_yaml(cfgs[label]))
         launch(cfgs[labels[0]], [(jobs[label][1], jobs[label][0]) for label in labels])

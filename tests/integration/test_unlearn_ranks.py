@@ -23,11 +23,11 @@ from unlearning.evaluate.probes import answer_logprobs
 from unlearning.models import build_models, load_causal_lm
 from unlearning.stages import prepare
 from unlearning.train.launch import free_port, launch_argv
-from unlearning.unlearn import job_spec
+from unlearning.unlearn import job_spec, write_alternatives
 
 pytestmark = pytest.mark.distributed
 
-METHODS = ["ga", "graddiff", "npo", "simnpo", "idkdpo", "wga", "satimp", "ceu", "undial", "rmu", "pdu"]
+METHODS = ["ga", "graddiff", "npo", "simnpo", "idkdpo", "wga", "satimp", "ceu", "undial", "rmu", "pdu", "altpo"]
 # RMU on the 2-layer pico model: steer the last layer's output, train the MLPs only. PDU: its dual weight
 # moves from the first step.
 SECTIONS = {**{m: {"name": m} for m in METHODS},
@@ -60,6 +60,8 @@ class Jobs:
         specs = []
         for name, cfg in jobs.items():
             run_dir, spec = job_spec(cfg, self.target, self.prepared)
+            if spec["alternatives"]:
+                write_alternatives(cfg, self.target, self.prepared, Path(spec["alternatives"]))
             self.runs[name] = run_dir
             specs.append(spec)
         path = self.out / f"specs-{nproc}-{len(self.runs)}.json"
@@ -212,6 +214,20 @@ def test_cached_reference_equals_a_live_reference_forward(jobs):
         live = answer_logprobs(model, rows, pad_id=tok.pad_token_id, batch_size=1)[0]
         np.testing.assert_allclose(cache[name].numpy(), live, atol=1e-5)
     assert not np.allclose(cache["forget"].numpy(), cache["idk"].numpy())
+
+
+def test_altpo_prefers_alternatives_the_target_wrote(jobs):
+    """The pico target, asked each forget question and sampled, answers something other than the truth; the
+    reference cache holds the alternatives' log-probs, and training raised them relative to the true answers."""
+    summary = jobs.summary("altpo-z2")
+    spec_path = next(p for p in (jobs.out / "alternatives").glob("*.json"))
+    written = json.loads(spec_path.read_text())
+    forget = list(jobs.prepared.splits()["forget"])
+    assert len(written["alternatives"]) == len(forget) and sum(written["sources"].values()) == len(forget)
+    assert written["sources"]["generated"] >= len(forget) // 2
+    assert all(a["alternate"].strip() and a["alternate"] != a["answer"] for a in written["alternatives"])
+    cache = load_file(summary["reference_cache"])
+    assert set(cache) == {"forget", "alt"} and not np.allclose(cache["forget"].numpy(), cache["alt"].numpy())
 
 
 def test_lora_with_gradient_checkpointing_and_kl_saves_adapter_and_merged_model(jobs):

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from tests.unit.test_losses import seq
 from unlearning.methods import METHODS, RETAIN_LOSSES, Read, parse_read, reads
 from unlearning.methods.logprobs import IGNORE_INDEX, AnswerTokens, HiddenStates, answer_layout, sequence_logprobs
 from unlearning.methods.rmu import steering_vector
@@ -147,3 +148,19 @@ def test_pdu_flattens_the_answer_logits_and_its_dual_weight_follows_the_retain_c
     assert dual_update(0.1, {"retain_loss": 0.0}, epoch=3.0, **params) == 0.0
     assert dual_update(2.0, {"retain_loss": 1.5}, epoch=0.5, **params) == 2.0
     assert dual_update(2.0, {"retain_loss": 1.5}, epoch=9.0, **{**params, "primal_dual": False}) == 2.0
+
+
+def test_altpo_is_dpo_preferring_the_alternative_and_choice_of_alternatives():
+    """Zero margin: (2/β)·log 2. An alternative the model made likelier (log-ratio +1 against the true
+    answer's −1, β = 1): −2·log σ(2). A sample equal to the true answer up to case and punctuation is no
+    alternative; then a perturbed answer; then the refusal."""
+    from unlearning.data.alternatives import choose
+
+    fn = METHODS.get("altpo").fn
+    same = seq([-3.0], [2], ref=[-3.0])
+    assert fn(same, same, beta=0.1).item() == pytest.approx(20 * math.log(2))
+    assert fn(seq([-4.0], [2], ref=[-3.0]), seq([-2.0], [2], ref=[-3.0]), beta=1.0).item() == pytest.approx(
+        -2 * math.log(1 / (1 + math.exp(-2))))
+    assert choose("Paris.", ["paris", " Lyon. "], ["Rome.", "I don't know."]) == ("Lyon.", "generated")
+    assert choose("Paris.", ["Paris!", ""], ["Rome.", "I don't know."]) == ("Rome.", "perturbed")
+    assert choose("Paris.", [], ["I don't know."]) == ("I don't know.", "refusal")

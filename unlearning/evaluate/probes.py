@@ -144,12 +144,12 @@ def generate(model: Any, prompts: Sequence[list[int]], tokenizer: Any, *, max_ne
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
             for i, row in zip(idx, gen[:, width:].tolist(), strict=True):
-                out[i] = _decode_until_eos(tokenizer, row)
+                out[i] = decode_until_eos(tokenizer, row)
             bar.update(len(idx))
     return out
 
 
-def _decode_until_eos(tokenizer: Any, ids: list[int]) -> str:
+def decode_until_eos(tokenizer: Any, ids: list[int]) -> str:
     if tokenizer.eos_token_id in ids:
         ids = ids[:ids.index(tokenizer.eos_token_id)]
     return tokenizer.decode(ids, skip_special_tokens=True).strip()

@@ -3,14 +3,15 @@
 A method's function declares what it reads by its positional parameters, each a name from `READS`:
 `forget` (the forget answers' `SequenceLogProbs`), `forget_tokens` (the logits at the forget answers'
 positions, `AnswerTokens`), `ref_forget_tokens` (the same under the reference model, live),
-`forget_hidden` (the output of the method's `layer`, `HiddenStates`), `idk` (the refusal answers), and
-so on; the objective computes those and nothing else. Its keyword-only arguments are its
-hyper-parameters. Registry metadata holds the default weights (`gamma` forget, `alpha` retain), the
-default retain term, `cached_ref` (the starting model's sequence log-probs of the forget stream, computed
-once before training and attached to `forget` / `idk` as `ref_logp`) and `trains` (the parameter naming
-the regexes of the weights that train; all of them otherwise) and `dual` (a function updating the
-retain weight after each optimizer step, `methods/pdu.py`). Retain terms live in `RETAIN_LOSSES` and
-declare their reads the same way (`retain`, `retain_logits`, `ref_retain_hidden`, ...).
+`forget_hidden` (the output of the method's `layer`, `HiddenStates`), `idk` (the refusal answers), `alt`
+(alternative answers the target wrote, `data/alternatives.py`), and so on; the objective computes those
+and nothing else. Its keyword-only arguments are its hyper-parameters. Registry metadata holds the
+default weights (`gamma` forget, `alpha` retain), the default retain term, `cached_ref` (the starting
+model's sequence log-probs of the paired streams, computed once before training and attached to
+`forget` / `idk` / `alt` as `ref_logp`), `trains` (the parameter naming the regexes of the weights that
+train; all of them otherwise) and `dual` (a function updating the retain weight after each optimizer
+step, `methods/pdu.py`). Retain terms live in `RETAIN_LOSSES` and declare their reads the same way
+(`retain`, `retain_logits`, `ref_retain_hidden`, ...).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from unlearning.registry import Entry, Registry
 
-STREAMS = ("forget", "idk", "retain")
+STREAMS = ("forget", "idk", "alt", "retain")
 KINDS = {"": "SequenceLogProbs: summed answer log-prob and length of each sequence",
          "tokens": "AnswerTokens: the logits at the answer positions only",
          "logits": "PositionLogits: the logits at every position",
@@ -62,13 +63,13 @@ def _check(entry: Entry, *, retain_term: bool) -> None:
     if unknown:
         raise ValueError(f"{entry.name}: positional parameters {unknown} are not reads; valid: {', '.join(READS)}")
     streams = {r.stream for r in reads(entry).values()}
-    allowed = {"retain"} if retain_term else {"forget", "idk"}
+    allowed = {"retain"} if retain_term else {"forget", "idk", "alt"}
     if not streams or not streams <= allowed:
         raise ValueError(f"{entry.name}: reads {sorted(streams)}; a {'retain term' if retain_term else 'method'} reads "
                          f"the {' / '.join(sorted(allowed))} stream(s)")
     if any(r.kind == "hidden" for r in reads(entry).values()) and not retain_term and "layer" not in entry.params:
         raise ValueError(f"{entry.name}: reads hidden states, so it needs a `layer` keyword parameter")
-    if entry.meta.get("cached_ref") and not ({"forget", "idk"} & set(reads(entry))):
+    if entry.meta.get("cached_ref") and not ({"forget", "idk", "alt"} & set(reads(entry))):
         raise ValueError(f"{entry.name}: cached_ref attaches reference log-probs to `forget` / `idk`, which it "
                          "does not read")
     trains = entry.meta.get("trains")
@@ -100,6 +101,7 @@ METHODS = Registry("method", check=_check_method)
 RETAIN_LOSSES = Registry("retain loss", check=_check_retain)
 
 from unlearning.methods import (  # noqa: E402,F401  (registration)
+    altpo,
     ceu,
     finetune,
     ga,

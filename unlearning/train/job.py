@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM  # noqa: F401
 from unlearning.config import validate_config
 from unlearning.data.pairing import refusal_rows
 from unlearning.data.prepare import PreparedData
+from unlearning.data.tokenize import encode_qa_many
 from unlearning.memory import peak_rss_mb, rss_mb
 from unlearning.methods import METHODS
 from unlearning.methods.answers import layouts
@@ -94,11 +95,17 @@ def select_trainable(model: Any, method: MethodConfig) -> int:
 
 
 def _streams(cfg: ExperimentConfig, engine: Any, splits: Any, tok: Any, need: dict[str, bool],
-             ref_cache: str | None, resumed: bool) -> dict[str, Stream]:
+             ref_cache: str | None, resumed: bool, alternatives: str | None = None) -> dict[str, Stream]:
     rows = {"forget": list(splits["forget"])}
     if need["idk"]:
         rows["idk"] = refusal_rows(tok, cfg.data.template, rows["forget"], seed=cfg.seed,
                                    max_length=cfg.data.max_length)
+    if need["alt"]:  # written by the parent before the launch (unlearn.write_alternatives)
+        if alternatives is None:
+            raise JobError(f"method {cfg.method.name!r} reads alternative answers but the job has no file of them")
+        written = json.loads(Path(alternatives).read_text())["alternatives"]
+        rows["alt"] = encode_qa_many(tok, cfg.data.template, [(a["question"], a["alternate"]) for a in written],
+                                     cfg.data.max_length)
     extra: dict[str, dict[str, torch.Tensor]] = {name: {} for name in rows}
     if need["ref_logp"]:
         if ref_cache is None:
@@ -223,7 +230,8 @@ def run(spec: dict[str, Any]) -> JobOutput:
 
     prepared = PreparedData(Path(spec["data"]), spec["data_fingerprint"])
     splits, tok, need = prepared.splits(), prepared.tokenizer(), needs(cfg.method)
-    streams = _streams(cfg, engine, splits, tok, need, spec.get("ref_cache"), resumed=start_step > 0)
+    streams = _streams(cfg, engine, splits, tok, need, spec.get("ref_cache"), resumed=start_step > 0,
+                       alternatives=spec.get("alternatives"))
     reference = live_reference(cfg, engine, spec["target"], ds_config) if need["ref_model"] else None
     ways = layouts(engine)  # probed now, on every rank (a collective forward under ZeRO-3)
     if reference is not None:
@@ -233,7 +241,7 @@ def run(spec: dict[str, Any]) -> JobOutput:
     steps_per_epoch = max(1, len(streams["forget"]) // layout.global_batch)
     objective.resume(history, steps_per_epoch)
     batches = micro_batches(streams, layout, rank=place.rank, seed=cfg.seed, pad_id=tok.pad_token_id,
-                            start_step=start_step, paired={"idk": "forget"} if "idk" in streams else None)
+                            start_step=start_step, paired={s: "forget" for s in ("idk", "alt") if s in streams})
 
     rules = StopRules(train.stop, engine.module, splits, tokenizer=tok, template=cfg.data.template,
                       max_length=cfg.data.max_length, batch_size=cfg.eval.batch_size, seed=cfg.seed, state=state)

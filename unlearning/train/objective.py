@@ -1,7 +1,7 @@
 """Compose a method's forget loss and a retain term into the loop's objective: γ·forget + α·retain.
 
 A loss reads what its positional parameters name (`methods/__init__.READS`); the objective runs, per
-stream of the micro-batch (forget, idk, retain), one forward of the model being trained when anything
+stream of the micro-batch (forget, idk, alt, retain), one forward of the model being trained when anything
 of that stream is read (the forget stream always: its answer NLL is the run's `forget_nll`), and one of
 the live reference model when a `ref_` read of that stream is declared. Each forward computes only what
 is read of it: the logits at the answer positions (packed where that pays), the logits of every position,
@@ -38,6 +38,7 @@ def needs(method: MethodConfig) -> dict[str, bool]:
     return {
         "ref_logp": bool(METHODS.get(method.name).meta.get("cached_ref")),
         "idk": any(r.stream == "idk" for r in declared),
+        "alt": any(r.stream == "alt" for r in declared),
         "retain": retain_active(method),
         "ref_model": any(r.reference for r in declared),
     }
