@@ -100,7 +100,7 @@ def trainer_job(args: argparse.Namespace, method: str, target: str, prepared: An
 
 
 def _env() -> dict[str, str]:
-    # The same threads as a 1-rank job gets (`unlearn._job_env`).
+    # The same threads as a 1-rank job gets (`train.supervise._job_env`).
     return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))}
 
 
