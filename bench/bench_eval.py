@@ -41,6 +41,7 @@ def main() -> None:
 
     from unlearning.cli import _quiet_libraries
     from unlearning.config import load_config
+    from unlearning.data.encoders import QAEncoder
     from unlearning.evaluate.naive import probe_split_naive
     from unlearning.evaluate.probes import probe_split
     from unlearning.evaluate.runner import compute_metrics
@@ -57,8 +58,9 @@ def main() -> None:
     rows = {s: list(data[s]) for s in splits}
 
     def ours(model: Any, generations: bool) -> dict[str, Any]:
-        return {s: probe_split(model, rows[s], tok, cfg.data.template, batch_size=cfg.eval.batch_size,
-                               generations=generations, show_progress=False, **common) for s in splits}
+        encoder = QAEncoder(tok, cfg.data.template, cfg.data.max_length)
+        return {s: probe_split(model, rows[s], encoder, batch_size=cfg.eval.batch_size, generations=generations,
+                               max_new_tokens=cfg.eval.max_new_tokens, show_progress=False) for s in splits}
 
     def naive(model: Any, generations: bool) -> dict[str, Any]:
         return {s: probe_split_naive(model, rows[s], tok, cfg.data.template, generations=generations, **common)

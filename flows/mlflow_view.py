@@ -9,6 +9,7 @@ from typing import Any
 
 from unlearning.config import method_runs
 from unlearning.evaluate.report import COLUMNS
+from unlearning.methods import in_context
 from unlearning.schema import ExperimentConfig
 
 
@@ -16,10 +17,10 @@ def run_title(cfg: ExperimentConfig) -> str:
     """e.g. `demo · lr 1e-05 · ga, npo · 3 seeds`: the config, its learning rate(s), methods and seeds (the lr
     early: the UI's name column is narrow, and the lr is what most often tells two runs apart)."""
     runs = method_runs(cfg)
-    lrs = sorted({run.train.lr for run in runs.values()})
+    lrs = sorted({run.train.lr for run in runs.values() if not in_context(run.method)})  # in-context: no lr
     seeds = len(cfg.seeds) if cfg.seeds else 1
     methods = [run.method.name if label == "unlearned" else label for label, run in runs.items()]
-    parts = [cfg.name, "lr " + ", ".join(f"{lr:g}" for lr in lrs), ", ".join(methods)]
+    parts = [cfg.name, *(["lr " + ", ".join(f"{lr:g}" for lr in lrs)] if lrs else []), ", ".join(methods)]
     return " · ".join([*parts, f"{seeds} seed{'s' if seeds > 1 else ''}"])
 
 

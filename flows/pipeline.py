@@ -34,6 +34,7 @@ from unlearning import stages
 from unlearning.config import apply_overrides, method_runs, seed_runs, validate_config
 from unlearning.errors import raise_if
 from unlearning.hashing import content_hash
+from unlearning.methods import in_context
 from unlearning.models import model_identity
 from unlearning.outputs import output_problems, write_atomic
 from unlearning.schema import ExperimentConfig, Stage
@@ -60,9 +61,9 @@ def _merge(cfg: ExperimentConfig, prepared: stages.PreparedData, built: stages.B
     return stages.merge(cfg, prepared=prepared, built=built, finetuned=finetuned)
 
 
-def _evaluate(cfg: ExperimentConfig, prepared: stages.PreparedData, label: str, path: Path,
+def _evaluate(cfg: ExperimentConfig, prepared: stages.PreparedData, label: str, subject: stages.Subject,
               oracle: stages.ModelEval | None) -> stages.ModelEval:
-    return stages.evaluate_model(path, prepared, cfg, label=label, oracle=oracle, is_oracle=label == "oracle")
+    return stages.evaluate_model(subject, prepared, cfg, label=label, oracle=oracle, is_oracle=label == "oracle")
 
 
 def _attack(cfg: ExperimentConfig, prepared: stages.PreparedData, evals: dict[str, stages.ModelEval]
@@ -112,7 +113,7 @@ def merge_key(_: Any, p: dict[str, Any]) -> str:
 
 
 def evaluate_key(_: Any, p: dict[str, Any]) -> str:
-    return _key("eval", p["cfg"], stages.eval_dir(p["cfg"], p["label"], p["path"], p["prepared"], p["oracle"]).name)
+    return _key("eval", p["cfg"], stages.eval_dir(p["cfg"], p["label"], p["subject"], p["prepared"], p["oracle"]).name)
 
 
 def attack_key(_: Any, p: dict[str, Any]) -> str:
@@ -212,6 +213,10 @@ def run_stages(cfg: ExperimentConfig, tracker: NullTracker, tag: str = ""
             tracker.log_params({"jobs": ", ".join(jobs)})
             trained = call(train_task, train_key, "train", "unlearn", jobs, prepared, built)
     for label, run in runs.items():
+        if in_context(run.method):  # nothing trains: the evaluation asks the target through its prompts
+            with tracker.run(f"unlearn-{label}", nested=True, tags={"in_context": "true"}):
+                tracker.log_params(flatten({"method": run.method.model_dump()}))
+            continue
         with tracker.run(f"unlearn-{label}", nested=True):
             tracker.log_params(flatten({"method": run.method.model_dump(), "train": run.train.model_dump()}))
             done = trained[label] = call(unlearn_task, unlearn_key, f"unlearn-{label}", "unlearn", run, prepared,
@@ -229,9 +234,10 @@ def run_stages(cfg: ExperimentConfig, tracker: NullTracker, tag: str = ""
                           trained[stages.FINETUNE_JOB])
             tracker.log_artifact(cfg.out / "merge" / "summary.json")
 
-    def evaluate_one(label: str, path: Path, oracle: stages.ModelEval | None) -> stages.ModelEval:
+    def evaluate_one(label: str, subject: stages.Subject, oracle: stages.ModelEval | None) -> stages.ModelEval:
         with tracker.run(f"eval-{label}", nested=True):
-            result = call(evaluate_task, evaluate_key, f"eval-{label}", "eval", cfg, prepared, label, path, oracle)
+            result = call(evaluate_task, evaluate_key, f"eval-{label}", "eval", cfg, prepared, label, subject,
+                          oracle)
             tracker.log_metrics(result.metrics)
             tracker.log_artifact(result.eval_dir / "eval.json")
         return result

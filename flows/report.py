@@ -119,7 +119,7 @@ def register(cfg: ExperimentConfig, by_seed: SeedEvals, best: str | None, tracke
     versions = {}
     picks = {"target": "target", "oracle": "oracle", **({"best": best} if best else {})}
     for alias, label in picks.items():
-        if label in evals:
+        if label in evals and not evals[label].in_context:  # an in-context pick has no weights of its own
             r = evals[label]
             version = tracker.register_model(r.path, name, [alias], tags={"label": label, "identity": r.result[
                 "identity"], "data_fingerprint": r.result["data_fingerprint"]})

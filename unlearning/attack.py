@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from unlearning.config import method_runs
 from unlearning.data.prepare import PreparedData, derive
 from unlearning.errors import UserError, raise_if
 from unlearning.evaluate import attacks as attack_defs
@@ -45,6 +46,7 @@ from unlearning.evaluate.attacks import (
 from unlearning.evaluate.metrics import choice_accuracy
 from unlearning.evaluate.runner import ModelEval, _device, compute_metrics, definitions_hash, evaluated_rows, run_probes
 from unlearning.hashing import content_hash
+from unlearning.methods import in_context
 from unlearning.models import DTYPES, load_causal_lm, model_identity
 from unlearning.schema import ExperimentConfig
 from unlearning.unlearn import RUN_SETTINGS, data_problems, forget_finetune, launch_problems, unlearn_many, world_size
@@ -84,8 +86,10 @@ def attack_points(cfg: ExperimentConfig) -> list[str]:
 
 
 def attacked_labels(cfg: ExperimentConfig, evals: dict[str, ModelEval]) -> list[str]:
-    """The oracle first, then `attack.models` (default: every evaluated model)."""
-    chosen = cfg.attack.models if cfg.attack.models is not None else list(evals)
+    """The oracle first, then `attack.models` (default: every evaluated model but in-context ones, whose weights
+    are the target's: the attacks change weights or the question, not the context they would have to keep)."""
+    chosen = cfg.attack.models if cfg.attack.models is not None else [
+        label for label, r in evals.items() if not r.in_context]
     return ["oracle", *(label for label in chosen if label != "oracle")]
 
 
@@ -100,6 +104,7 @@ def attack_problems(cfg: ExperimentConfig, evals: dict[str, ModelEval]) -> list[
     unknown = [m for m in cfg.attack.models or [] if m not in evals]
     if unknown:
         problems.append(f"attack.models: {unknown} are not evaluated models; evaluated: {', '.join(evals)}")
+    problems += _in_context_problems([m for m in cfg.attack.models or [] if m in evals and evals[m].in_context])
     if any(s != "none" for s in cfg.attack.quantize.schemes) and "quantize" in cfg.attack.attacks:
         try:
             import bitsandbytes  # noqa: F401
@@ -126,8 +131,17 @@ def relearn_config(cfg: ExperimentConfig) -> ExperimentConfig:
                            batch_size=r.batch_size or cfg.train.batch_size)
 
 
+def _in_context_problems(labels: list[str]) -> list[str]:
+    return [f"attack.models: {labels} are in-context methods, which the attacks do not support (they attack "
+            "weights, and these are the target's); leave them out"] if labels else []
+
+
 def preflight_problems(cfg: ExperimentConfig, prepared: PreparedData) -> list[str]:
     """What the attack stage would refuse, found from the config and the data before any model is built."""
+    context = [label for label, run in method_runs(cfg).items() if in_context(run.method)]
+    named = _in_context_problems([m for m in cfg.attack.models or [] if m in context])
+    if named:
+        return named
     if "relearn" not in cfg.attack.attacks:
         return []
     try:

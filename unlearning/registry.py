@@ -34,7 +34,7 @@ class Entry:
 
     @functools.cached_property
     def schema(self) -> type[pydantic.BaseModel]:
-        hints = typing.get_type_hints(self.fn)
+        hints = typing.get_type_hints(self.fn, include_extras=True)  # Annotated bounds (Field(ge=...)) kept
         fields: dict[str, Any] = {}
         for key, p in self.params.items():
             default = ... if p.default is inspect.Parameter.empty else p.default

@@ -19,14 +19,16 @@ from unlearning.config import method_runs
 from unlearning.data.prepare import PreparedData, prepare, prepare_key
 from unlearning.errors import UserError, raise_if
 from unlearning.evaluate.runner import ModelEval, checkpoint_problems, eval_dir, evaluate_model
+from unlearning.evaluate.subject import Subject
 from unlearning.evaluate.suites import get_suite
 from unlearning.merge.stage import FINETUNE_JOB, Merged, finetune_config, merge, merge_key, training_jobs
+from unlearning.methods import in_context
 from unlearning.models import BuiltModels, build_key, build_models
 from unlearning.schema import ExperimentConfig
 from unlearning.unlearn import Unlearned, data_problems, launch_problems, run_key, unlearn, unlearn_many
 
 __all__ = [
-    "FINETUNE_JOB", "Attacked", "BuiltModels", "Merged", "ModelEval", "PreparedData", "Unlearned", "attack",
+    "FINETUNE_JOB", "Attacked", "BuiltModels", "Merged", "ModelEval", "PreparedData", "Subject", "Unlearned", "attack",
     "attack_dirs", "attack_key", "attacked_labels", "build_key", "build_models", "eval_dir", "eval_roles",
     "eval_subjects", "evaluate", "evaluate_all", "evaluate_model", "merge", "merge_key", "preflight", "prepare",
     "prepare_key", "run_key", "run_models", "training_jobs", "unlearn", "unlearn_many",
@@ -52,39 +54,44 @@ def run_models(label: str, done: Unlearned, cfg: ExperimentConfig) -> dict[str, 
 
 
 def eval_subjects(cfg: ExperimentConfig, built: BuiltModels | None, trained: Mapping[str, Unlearned],
-                  merged: Merged | None, extra: Mapping[str, Path] | None = None) -> dict[str, Path]:
-    """Label → checkpoint of every model the evaluation scores, in eval.models order with the roles expanded
+                  merged: Merged | None, extra: Mapping[str, Path] | None = None) -> dict[str, Subject]:
+    """Label → subject of every model the evaluation scores, in eval.models order with the roles expanded
     (target and oracle from `built`; `unlearned`: each method run of `trained` (label → run), its snapshots then
-    its final model; `merged`: one model per λ, merged_l<λ>), then any `extra` labels."""
+    its final model, and each in-context method on the target; `merged`: one model per λ, merged_l<λ>), then
+    any `extra` labels."""
     roles = eval_roles(cfg)
-    paths = {**given_checkpoints(cfg), **(extra or {})}
+    subjects = {label: Subject(path) for label, path in {**given_checkpoints(cfg), **(extra or {})}.items()}
     if built is not None:
-        paths.update({role: Path(getattr(built, role)) for role in ("target", "oracle") if role in roles})
+        subjects.update({role: Subject(Path(getattr(built, role))) for role in ("target", "oracle") if role in roles})
     expanded: dict[str, list[str]] = {}
     if "unlearned" in roles:
         expanded["unlearned"] = []
-        for label in method_runs(cfg):
-            models = run_models(label, trained[label], cfg)
-            paths.update(models)
+        for label, run in method_runs(cfg).items():
+            if in_context(run.method):
+                assert built is not None, "the unlearned role builds the target"
+                models = {label: Subject(Path(built.target), run.method, run.seed)}
+            else:
+                models = {name: Subject(path) for name, path in run_models(label, trained[label], cfg).items()}
+            subjects.update(models)
             expanded["unlearned"] += list(models)
     if "merged" in roles and merged is not None:
         expanded["merged"] = [Merged.label(lam) for lam in merged.models]
-        paths.update({Merged.label(lam): p for lam, p in merged.models.items()})
+        subjects.update({Merged.label(lam): Subject(p) for lam, p in merged.models.items()})
     order = [x for entry in cfg.eval.models for x in expanded.get(entry.partition("=")[0], [entry.partition("=")[0]])]
     order += [k for k in extra or {} if k not in order]
-    return {label: paths[label] for label in order}
+    return {label: subjects[label] for label in order}
 
 
-def evaluate_all(subjects: Mapping[str, Path],
-                 evaluate_one: Callable[[str, Path, ModelEval | None], ModelEval]) -> dict[str, ModelEval]:
-    """`evaluate_one(label, path, oracle)` for every subject, the oracle first (the others' reference); the
+def evaluate_all(subjects: Mapping[str, Subject],
+                 evaluate_one: Callable[[str, Subject, ModelEval | None], ModelEval]) -> dict[str, ModelEval]:
+    """`evaluate_one(label, subject, oracle)` for every subject, the oracle first (the others' reference); the
     results in the subjects' order."""
     results: dict[str, ModelEval] = {}
     if "oracle" in subjects:
         results["oracle"] = evaluate_one("oracle", subjects["oracle"], None)
-    for label, path in subjects.items():
+    for label, subject in subjects.items():
         if label not in results:
-            results[label] = evaluate_one(label, path, results.get("oracle"))
+            results[label] = evaluate_one(label, subject, results.get("oracle"))
     return {label: results[label] for label in subjects}
 
 
@@ -105,8 +112,8 @@ def evaluate(cfg: ExperimentConfig, extra: dict[str, Path] | None = None) -> dic
     subjects = eval_subjects(cfg, built, trained, merged, extra)
     if not subjects:
         raise UserError("eval.models is empty; list roles (target, oracle, unlearned) or LABEL=PATH checkpoints")
-    return evaluate_all(subjects, lambda label, path, oracle: evaluate_model(
-        path, prepared, cfg, label=label, oracle=oracle, is_oracle=label == "oracle"))
+    return evaluate_all(subjects, lambda label, subject, oracle: evaluate_model(
+        subject, prepared, cfg, label=label, oracle=oracle, is_oracle=label == "oracle"))
 
 
 def preflight(cfg: ExperimentConfig, prepared: PreparedData) -> list[str]:
@@ -114,7 +121,8 @@ def preflight(cfg: ExperimentConfig, prepared: PreparedData) -> list[str]:
     each method run's launch and data checks, the merge fine-tune's, the eval checkpoints and splits."""
     problems: list[str] = []
     roles = eval_roles(cfg)
-    runs = [*method_runs(cfg).items()] if "unlearned" in roles else []
+    runs = [(label, run) for label, run in method_runs(cfg).items() if not in_context(run.method)] \
+        if "unlearned" in roles else []
     if "merged" in roles:
         runs.append(("merge.finetune", finetune_config(cfg)))
     for label, run in runs:

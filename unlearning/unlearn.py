@@ -23,7 +23,7 @@ from unlearning.config import dump_yaml
 from unlearning.data.prepare import PreparedData, prepare
 from unlearning.errors import raise_if
 from unlearning.hashing import content_hash
-from unlearning.methods import METHODS
+from unlearning.methods import METHODS, in_context
 from unlearning.models import BuiltModels, build_models, model_identity, probabilities, tiny_llama
 from unlearning.outputs import write_atomic
 from unlearning.schema import ExperimentConfig, MethodConfig, StopConfig
@@ -46,6 +46,9 @@ class Unlearned:
 
 def launch_problems(cfg: ExperimentConfig) -> list[str]:
     """Problems with how the job would start, found from the config alone."""
+    if in_context(cfg.method):
+        return [f"method {cfg.method.name!r} is an in-context method: it trains nothing, so there is no job to "
+                "launch; `unlearn eval` and `unlearn run` evaluate it on the target (eval.models: unlearned)"]
     train, problems = cfg.train, []
     if train.hostfile and not Path(train.hostfile).is_file():
         problems.append(f"train.hostfile: {train.hostfile!r} does not exist; write one 'HOST slots=N' line per node")

@@ -131,3 +131,39 @@ def test_merge_then_eval_the_merged_models(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     evals = {p.name.rsplit("-", 1)[0] for p in (tmp_path / "run/eval").iterdir()}
     assert evals == {"target", "merged_l0", "merged_l3"}
+
+
+def test_in_context_methods_evaluate_on_the_target_without_a_launch(tmp_path):
+    """`unlearn eval` with ICUL (n = 2 and 4, perturbed and refusal flips) and the instruction baseline: no rank
+    starts, each is evaluated on the target's weights under its own prompts, and `unlearn unlearn` and the attack
+    stage say why they leave them out."""
+    config = tmp_path / "pico.yaml"
+    config.write_text(yaml.safe_dump(pico_raw(
+        tmp_path / "run", model={"finetune": MEMORISE},
+        methods=[{"name": "icul", "n": 2}, {"name": "icul", "label": "icul4_refusal", "n": 4, "flip": "refusal"},
+                 {"name": "instruct"}],
+        eval={"suite": "quick", "models": ["target", "oracle", "unlearned"], "context_length": 256})))
+    res = unlearn("eval", str(config), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "training" not in res.stderr and not (tmp_path / "run/unlearn").exists()
+    evals = {p.name.rsplit("-", 1)[0]: json.loads((p / "eval.json").read_text())
+             for p in (tmp_path / "run/eval").iterdir()}
+    assert set(evals) == {"target", "oracle", "icul", "icul4_refusal", "instruct"}
+    target = evals["target"]
+    for label in ("icul", "icul4_refusal", "instruct"):
+        ev = evals[label]
+        assert label in res.stdout and ev["model"] == target["model"] and ev["identity"] != target["identity"]
+        assert ev["context"]["method"]["name"] == label.split("4")[0]
+        assert ev["context"]["encoding"]["forget"]["demos_dropped"] == 0
+        # Same weights, other prompts: every forget answer is scored differently from the target's.
+        ours, theirs = (e["per_example"]["forget_probability"] for e in (ev, target))
+        assert all(abs(a - b) > 1e-6 for a, b in zip(ours, theirs, strict=True))
+    # The model's own window (48 tokens here) cuts the contexts: a warning says so, and what was dropped is counted.
+    res = unlearn("eval", str(config), "eval.context_length=null", "eval.models=[target,oracle,unlearned]",
+                  cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "warning: icul: the window of 48 tokens (the model's max_position_embeddings) shortened" in res.stderr
+    res = unlearn("unlearn", str(config), cwd=tmp_path)
+    assert res.returncode == 0 and "icul, icul4_refusal, instruct: in-context, nothing to train" in res.stdout
+    res = unlearn("attack", str(config), "attack.attacks=[prefix]", "attack.models=[icul]", cwd=tmp_path)
+    assert res.returncode == 2 and "attack.models: ['icul'] are in-context methods" in res.stderr

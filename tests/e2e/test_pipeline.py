@@ -109,6 +109,42 @@ def test_pipeline_tracks_every_stage_caches_a_rerun_and_reruns_only_what_changed
     assert not (npo / "launch.log").exists() and (npo / "train.log").read_text().count("$ ") == 1
 
 
+def test_in_context_methods_run_through_the_flow_without_training_and_are_never_registered(tmp_path, harness):
+    """ICUL and the instruction baseline in the flow: no train task, one evaluation each on the target's weights,
+    rows in the report and columns on the top-level run; a rerun is cached, another n is a new evaluation."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.pipeline import pipeline
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    raw = pico_raw(tmp_path / "run", model={"finetune": MEMORISE},
+                   methods=[{"name": "icul", "n": 2}, {"name": "instruct"}],
+                   eval={"suite": "quick", "models": ["target", "oracle", "unlearned"], "context_length": 256},
+                   tracking={"uri": uri})
+    report = pipeline(raw)
+    assert list(report["metrics"]) == ["target", "oracle", "icul", "instruct"]
+    assert "train" not in report["stages"] and {"eval-icul", "eval-instruct"} <= set(report["stages"])
+    assert not (tmp_path / "run/unlearn").exists()
+    models = report["models"]["0"]
+    assert models["icul"] == models["instruct"] == models["target"]
+    assert report["metrics"]["icul"]["forget_probability"] != report["metrics"]["target"]["forget_probability"]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("pico").experiment_id
+    names = {r.info.run_name: r for r in client.search_runs([experiment])}
+    assert "pico · icul, instruct · 1 seed" in names  # no learning rate: nothing trains
+    icul = names["unlearn-icul"]
+    assert icul.data.tags["in_context"] == "true" and icul.data.params["method.n"] == "2"
+    assert not client.search_logged_models([experiment])
+    versions = client.search_model_versions(f"name = '{raw['name']}'")
+    assert {v.tags["label"] for v in versions} <= {"target", "oracle"}  # an in-context pick has no weights of its own
+
+    again = pipeline(raw)
+    assert set(again["stages"].values()) == {"Cached"} and again["metrics"] == report["metrics"]
+    raw["methods"][0]["n"] = 4
+    changed = pipeline(raw)
+    assert {name for name, state in changed["stages"].items() if state != "Cached"} == {"eval-icul"}
+
+
 def test_a_failed_stage_fails_the_run_clearly_and_the_rerun_resumes(tmp_path, harness, monkeypatch):
     from mlflow.tracking import MlflowClient
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import MEMORISE
+from unlearning.data.encoders import QAEncoder
 from unlearning.data.prepare import prepare
 from unlearning.errors import UserError
 from unlearning.evaluate.metrics import harmonic_mean
@@ -39,7 +40,7 @@ def test_batched_probes_equal_per_example_probes(pico):
     model = tiny_llama(cfg, tok).eval()
     rows = list(prepared.splits()["forget"])
     assert len({len(r["input_ids"]) for r in rows}) > 1  # lengths differ, so batches pad
-    batched = probe_split(model, rows, tok, cfg.data.template, max_length=cfg.data.max_length, batch_size=5,
+    batched = probe_split(model, rows, QAEncoder(tok, cfg.data.template, cfg.data.max_length), batch_size=5,
                           max_new_tokens=6)
     naive = probe_split_naive(model, rows, tok, cfg.data.template, max_length=cfg.data.max_length, max_new_tokens=6)
     for name in ("answer", "paraphrased", "para_question"):

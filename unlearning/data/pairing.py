@@ -10,25 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from unlearning.data.refusals import REFUSALS, refusal
 from unlearning.data.tokenize import encode_qa
-from unlearning.hashing import content_hash
 from unlearning.schema import Template
 
-REFUSALS = (
-    "I don't know.",
-    "I am not sure about that.",
-    "I have no information on that.",
-    "I cannot say.",
-    "That is something I do not know.",
-    "I'm afraid I can't answer that.",
-    "I have no idea.",
-    "I could not tell you.",
-)
-
-
-def refusal(seed: int, index: int) -> str:
-    """The refusal paired with forget item `index`."""
-    return REFUSALS[int(content_hash(seed, "refusal", index), 16) % len(REFUSALS)]
+__all__ = ["REFUSALS", "refusal", "refusal_rows"]
 
 
 def refusal_rows(tokenizer: Any, template: Template, forget: Sequence[dict[str, Any]], *, seed: int,

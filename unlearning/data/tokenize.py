@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from unlearning.data.context import Context
 from unlearning.errors import UserError
 from unlearning.methods.logprobs import IGNORE_INDEX
 from unlearning.schema import Template
@@ -68,20 +69,44 @@ def _ids(encoded: Any) -> list[int]:
     return list(encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded)
 
 
-def encode_prompts(tokenizer: Any, template: Template, questions: Sequence[str]) -> list[list[int]]:
+def encode_prompts(tokenizer: Any, template: Template, questions: Sequence[str],
+                   contexts: Sequence[Context] | None = None) -> list[list[int]]:
     """Token ids of the prompt that precedes each answer (BOS included when the tokenizer adds one), ending with
-    the template's `response_prefix` when it has one."""
+    the template's `response_prefix` when it has one; with `contexts` (one per question), each question comes
+    after its context's instruction and demonstrations, rendered as earlier turns of the same template (a
+    system message and user / assistant turns under a chat template)."""
+    if not questions:
+        return []
+    contexts = contexts or [Context()] * len(questions)
     if template.uses_chat(tokenizer):
         if not getattr(tokenizer, "chat_template", None):
             raise UserError("data.template.chat=true but the tokenizer has no chat template; set it to false")
         prefix = _ids(tokenizer(template.response_prefix, add_special_tokens=False)) if template.response_prefix else []
-        return [_ids(tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                                   tokenize=True)) + prefix for q in questions]
-    if not questions:
-        return []
-    texts = [template.prompt.format(question=q) + (f" {template.response_prefix}" if template.response_prefix else "")
-             for q in questions]
+        return [_ids(tokenizer.apply_chat_template(_messages(template, c, q), add_generation_prompt=True,
+                                                   tokenize=True)) + prefix for q, c in zip(questions, contexts,
+                                                                                             strict=True)]
+    texts = [_context_text(template, c) + template.prompt.format(question=q)
+             + (f" {template.response_prefix}" if template.response_prefix else "")
+             for q, c in zip(questions, contexts, strict=True)]
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+
+
+def _context_text(template: Template, context: Context) -> str:
+    """A context as plain text before a prompt: the instruction, then each demonstration as the template renders
+    a question and its answer, a blank line after each."""
+    shown = [template.prompt.format(question=q) + template.answer_text(a, chat=False) for q, a in context.demos]
+    return "".join(f"{part}\n\n" for part in [context.instruction, *shown] if part)
+
+
+def _messages(template: Template, context: Context, question: str) -> list[dict[str, str]]:
+    """A context and a question as chat messages: a system message (the instruction), a user / assistant turn per
+    demonstration, the question's user turn."""
+    prefix = template.response_prefix
+    messages = [{"role": "system", "content": context.instruction}] if context.instruction else []
+    for q, a in context.demos:
+        messages += [{"role": "user", "content": q},
+                     {"role": "assistant", "content": f"{prefix}{template.answer_text(a, chat=True)}"}]
+    return [*messages, {"role": "user", "content": question}]
 
 
 def encode_prompt(tokenizer: Any, template: Template, question: str) -> list[int]:

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from unlearning.data.tokenize import collate, encode_prompts, encode_qa_many
+from unlearning.data.encoders import QAEncoder
+from unlearning.data.tokenize import collate
 from unlearning.methods.answers import answer_logprobs_of, kept_logits
 from unlearning.methods.logprobs import IGNORE_INDEX, answer_layout
 
@@ -184,9 +185,10 @@ class SplitProbes:
         return len(self.answers)
 
 
-def split_requests(rows: Sequence[dict[str, Any]], tokenizer: Any, template: Any, max_length: int
+def split_requests(rows: Sequence[dict[str, Any]], encoder: QAEncoder
                    ) -> tuple[list[dict[str, list[int]]], dict[str, Any]]:
-    """The distinct sequences a split needs scored, and where each request finds its sequence.
+    """The distinct sequences a split needs scored (each encoded by `encoder`, named by its row), and where each
+    request finds its sequence.
 
     Returns:
         (sequences, plan): plan maps "answer", "paraphrased", "para_question" to (N,) indices into
@@ -194,15 +196,15 @@ def split_requests(rows: Sequence[dict[str, Any]], tokenizer: Any, template: Any
     """
     has = {f: bool(rows) and all(r.get(f) for r in rows)
            for f in ("paraphrased_answer", "perturbed_answer", "paraphrased_question")}
-    groups: dict[str, list[tuple[str, str]]] = {}  # request -> (question, answer) per row
+    groups: dict[str, list[tuple[int, str, str]]] = {}  # request -> (row, question, answer) per row
     if has["paraphrased_answer"]:
-        groups["paraphrased"] = [(r["question"], r["paraphrased_answer"]) for r in rows]
+        groups["paraphrased"] = [(i, r["question"], r["paraphrased_answer"]) for i, r in enumerate(rows)]
     if has["paraphrased_question"]:
-        groups["para_question"] = [(r["paraphrased_question"], r["answer"]) for r in rows]
+        groups["para_question"] = [(i, r["paraphrased_question"], r["answer"]) for i, r in enumerate(rows)]
     n_perturbed = min(len(r["perturbed_answer"]) for r in rows) if has["perturbed_answer"] else 0
     for j in range(n_perturbed):  # a common count keeps the (N, P) arrays rectangular
-        groups[f"perturbed{j}"] = [(r["question"], r["perturbed_answer"][j]) for r in rows]
-    encoded = iter(encode_qa_many(tokenizer, template, [pair for g in groups.values() for pair in g], max_length))
+        groups[f"perturbed{j}"] = [(i, r["question"], r["perturbed_answer"][j]) for i, r in enumerate(rows)]
+    encoded = iter(encoder.qa_many([item for g in groups.values() for item in g]))
 
     seqs: list[dict[str, list[int]]] = []
     seen: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
@@ -214,25 +216,26 @@ def split_requests(rows: Sequence[dict[str, Any]], tokenizer: Any, template: Any
             seqs.append(enc)
         return seen[key]
 
-    plan: dict[str, Any] = {"answer": [add({k: list(r[k]) for k in ("input_ids", "labels")}) for r in rows]}
-    for name, pairs in groups.items():
-        plan[name] = [add(next(encoded)) for _ in pairs]
+    plan: dict[str, Any] = {"answer": [add(encoder.answer_row(i, r)) for i, r in enumerate(rows)]}
+    for name, items in groups.items():
+        plan[name] = [add(next(encoded)) for _ in items]
     plan.setdefault("paraphrased", None)
     plan.setdefault("para_question", None)
     plan["perturbed"] = [plan.pop(f"perturbed{j}") for j in range(n_perturbed)] or None
     return seqs, plan
 
 
-def probe_split(model: Any, rows: Sequence[dict[str, Any]], tokenizer: Any, template: Any, *, max_length: int,
-                batch_size: int, max_new_tokens: int, generations: bool = True,
-                show_progress: bool | None = None) -> SplitProbes:
-    """Run every probe of one split: one scoring pass over its distinct sequences, then generation."""
-    seqs, plan = split_requests(rows, tokenizer, template, max_length)
+def probe_split(model: Any, rows: Sequence[dict[str, Any]], encoder: QAEncoder, *, batch_size: int,
+                max_new_tokens: int, generations: bool = True, show_progress: bool | None = None) -> SplitProbes:
+    """Run every probe of one split, each sequence and prompt from `encoder`: one scoring pass over its distinct
+    sequences, then generation."""
+    tokenizer = encoder.tokenizer
+    seqs, plan = split_requests(rows, encoder)
     scores = score(model, seqs, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, batch_size=batch_size,
                    show_progress=show_progress)
 
-    def gen(questions: list[str]) -> list[str]:
-        prompts = encode_prompts(tokenizer, template, questions)
+    def gen(field: str) -> list[str]:
+        prompts = encoder.prompts([(i, r[field], r["answer"]) for i, r in enumerate(rows)])
         return generate(model, prompts, tokenizer, max_new_tokens=max_new_tokens, batch_size=batch_size,
                         show_progress=show_progress)
 
@@ -240,12 +243,12 @@ def probe_split(model: Any, rows: Sequence[dict[str, Any]], tokenizer: Any, temp
     return SplitProbes(
         answer=scores.take(plan["answer"]),
         answers=[r["answer"] for r in rows],
-        generation=gen([r["question"] for r in rows]) if generations else [],
+        generation=gen("question") if generations else [],
         paraphrased=scores.take(plan["paraphrased"]) if plan["paraphrased"] is not None else None,
         perturbed=[scores.take(ix) for ix in plan["perturbed"]] if plan["perturbed"] is not None else None,
         para_question=scores.take(plan["para_question"]) if para_q else None,
-        para_generation=gen([r["paraphrased_question"] for r in rows]) if generations and para_q else None,
-        label_texts=label_texts(tokenizer, rows),
+        para_generation=gen("paraphrased_question") if generations and para_q else None,
+        label_texts=label_texts(tokenizer, [seqs[i] for i in plan["answer"]]),
     )
 
 

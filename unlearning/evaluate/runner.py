@@ -20,18 +20,21 @@ import json
 import os
 import random
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from unlearning.checkpoints import gguf_file
+from unlearning.data.encoders import QAEncoder
 from unlearning.data.prepare import PreparedData
+from unlearning.errors import warn
 from unlearning.evaluate.metrics import METRICS, EvalInputs, Value
 from unlearning.evaluate.probes import SplitProbes, probe_split
+from unlearning.evaluate.subject import Subject
 from unlearning.evaluate.suites import get_suite
 from unlearning.hashing import content_hash
-from unlearning.models import load_causal_lm, model_identity
+from unlearning.models import load_causal_lm
 from unlearning.schema import ExperimentConfig, Template
 
 EVAL_VERSION = 2  # bump when the evaluation's inputs change meaning; the metric code itself is hashed below
@@ -66,7 +69,7 @@ def definitions_hash() -> str:
 
 @dataclass(frozen=True)
 class ModelEval:
-    """One evaluated checkpoint: its label, path, the directory of its eval.json, the parsed file."""
+    """One evaluated subject: its label, checkpoint path, the directory of its eval.json, the parsed file."""
 
     label: str
     path: Path
@@ -77,6 +80,11 @@ class ModelEval:
     @property
     def metrics(self) -> dict[str, float | None]:
         return self.result["metrics"]
+
+    @property
+    def in_context(self) -> bool:
+        """Whether an in-context method was evaluated (on `path`'s weights, which are not its own)."""
+        return "context" in self.result
 
 
 def _device() -> Any:
@@ -102,16 +110,22 @@ def evaluated_indices(n: int, split: str, cfg: ExperimentConfig) -> list[int]:
 
 def run_probes(model: Any, rows: dict[str, list[dict[str, Any]]], tokenizer: Any, cfg: ExperimentConfig, *,
                generations: bool | Collection[str], template: Template | None = None,
-               max_length: int | None = None) -> dict[str, SplitProbes]:
+               max_length: int | None = None, encoders: Mapping[str, QAEncoder] | None = None
+               ) -> dict[str, SplitProbes]:
     """Every probe of every split (`rows`: split → the evaluated rows), on an already loaded model.
 
-    `generations`: greedy answers on every split, on none, or on the named splits; `template` and `max_length`
-    (default: the data's) encode the requests beside each row's own answer sequence."""
+    `generations`: greedy answers on every split, on none, or on the named splits; `encoders` (split → encoder,
+    a subject's) encode each split's sequences, by default through `template` and `max_length` (default: the
+    data's) beside each row's own answer sequence."""
     def generated(split: str) -> bool:
         return generations if isinstance(generations, bool) else split in generations
 
-    return {s: probe_split(model, r, tokenizer, template or cfg.data.template,
-                           max_length=max_length or cfg.data.max_length, batch_size=cfg.eval.batch_size,
+    def encoder(split: str) -> QAEncoder:
+        if encoders is not None:
+            return encoders[split]
+        return QAEncoder(tokenizer, template or cfg.data.template, max_length or cfg.data.max_length)
+
+    return {s: probe_split(model, r, encoder(s), batch_size=cfg.eval.batch_size,
                            max_new_tokens=cfg.eval.max_new_tokens, generations=generated(s))
             for s, r in rows.items()}
 
@@ -129,24 +143,32 @@ def compute_metrics(probes: dict[str, SplitProbes], metric_names: tuple[str, ...
     return values
 
 
-def evaluate_checkpoint(path: Path, prepared: PreparedData, cfg: ExperimentConfig, *, label: str,
+def evaluate_checkpoint(subject: Subject, prepared: PreparedData, cfg: ExperimentConfig, *, label: str,
                         oracle: ModelEval | None, is_oracle: bool) -> dict[str, Any]:
-    """Load one checkpoint, probe every split, compute the suite; the eval.json content."""
+    """Load one subject's model, probe every split through its encoders, compute the suite; the eval.json
+    content."""
     suite = get_suite(cfg.eval.suite)
     splits = cfg.eval.splits or list(prepared.info()["counts"])
     start = time.perf_counter()
-    model = load_causal_lm(path, cfg.model.dtype, cfg.model.trust_remote_code).to(_device())
+    model = load_causal_lm(subject.path, cfg.model.dtype, cfg.model.trust_remote_code).to(_device())
     data = prepared.splits()
     rows = {s: evaluated_rows(data, s, cfg) for s in splits}
-    probes = run_probes(model, rows, prepared.tokenizer(), cfg, generations=suite.generations)
+    window = cfg.eval.context_length or int(getattr(model.config, "max_position_embeddings", 0) or 0) \
+        or cfg.data.max_length
+    encoders = subject.encoders(rows, data, prepared.tokenizer(), cfg, window)
+    probes = run_probes(model, rows, prepared.tokenizer(), cfg, generations=suite.generations, encoders=encoders)
     probe_s = time.perf_counter() - start
     start = time.perf_counter()
     values = compute_metrics(probes, suite.metrics, oracle=oracle.result if oracle else None, is_oracle=is_oracle,
                              utility_splits=tuple(cfg.eval.utility_splits))
+    context = subject.describe()
+    if context:
+        _warn_shortened(label, window, cfg, [e.summary() or {} for e in encoders.values()])
     return {
-        "label": label, "model": str(path), "identity": model_identity(path),
+        "label": label, "model": str(subject.path), "identity": subject.identity,
         "data": str(prepared.path), "data_fingerprint": prepared.fingerprint, "suite": suite.name,
         "oracle": str(oracle.path) if oracle else None,
+        **({"context": {**context, "encoding": {s: e.summary() for s, e in encoders.items()}}} if context else {}),
         "metrics": {k: v.value for k, v in values.items()},
         "unavailable": {k: v.reason for k, v in values.items() if v.value is None},
         "per_example": {k: v.per_example for k, v in values.items() if v.per_example is not None},
@@ -159,33 +181,53 @@ def evaluate_checkpoint(path: Path, prepared: PreparedData, cfg: ExperimentConfi
     }
 
 
-def eval_key(path: Path, prepared: PreparedData, cfg: ExperimentConfig, oracle: ModelEval | None) -> str:
-    """Everything one evaluation depends on (the name of its eval directory and its cache key)."""
+def _warn_shortened(label: str, window: int, cfg: ExperimentConfig, summaries: list[dict[str, Any]]) -> None:
+    """Warn when the window cut the context of most sequences: the subject is then mostly the bare model."""
+    total, shortened = (sum(s.get(k, 0) for s in summaries) for k in ("sequences", "shortened"))
+    if total and shortened > total / 2:
+        source = "eval.context_length" if cfg.eval.context_length else "the model's max_position_embeddings"
+        warn(f"{label}: the window of {window} tokens ({source}) shortened the context of {shortened} of {total} "
+             "sequences (demonstrations or the instruction dropped; eval.json's context.encoding counts them); "
+             "raise eval.context_length if the model can read longer inputs")
+
+
+def eval_key(subject: Subject | Path, prepared: PreparedData, cfg: ExperimentConfig, oracle: ModelEval | None
+             ) -> str:
+    """Everything one evaluation depends on (the name of its eval directory and its cache key): the subject's
+    identity (a checkpoint path: its weights'), the data, the eval settings and code, the oracle's identity."""
+    subject = as_subject(subject)
     settings = cfg.eval.model_dump(exclude={"models", "snapshots"})  # what is evaluated, not how
     suite = get_suite(cfg.eval.suite)
-    return content_hash(EVAL_VERSION, definitions_hash(), suite.metrics, suite.generations, model_identity(path),
+    return content_hash(EVAL_VERSION, definitions_hash(), suite.metrics, suite.generations, subject.identity,
                         prepared.fingerprint, settings, cfg.data.template.model_dump(), cfg.model.dtype,
                         oracle.result["identity"] if oracle else None)
 
 
-def eval_dir(cfg: ExperimentConfig, label: str, path: Path, prepared: PreparedData, oracle: ModelEval | None
-             ) -> Path:
+def eval_dir(cfg: ExperimentConfig, label: str, subject: Subject | Path, prepared: PreparedData,
+             oracle: ModelEval | None) -> Path:
     """The directory of one evaluation: its label and `eval_key`; the eval stage's key (on disk and in Prefect)."""
-    return cfg.out / "eval" / f"{label}-{eval_key(path, prepared, cfg, oracle)}"
+    return cfg.out / "eval" / f"{label}-{eval_key(subject, prepared, cfg, oracle)}"
 
 
-def evaluate_model(path: Path, prepared: PreparedData, cfg: ExperimentConfig, *, label: str,
+def as_subject(subject: Subject | Path) -> Subject:
+    """A checkpoint path as the subject that evaluates it as it is."""
+    return subject if isinstance(subject, Subject) else Subject(Path(subject))
+
+
+def evaluate_model(subject: Subject | Path, prepared: PreparedData, cfg: ExperimentConfig, *, label: str,
                    oracle: ModelEval | None = None, is_oracle: bool = False) -> ModelEval:
-    """Evaluate one checkpoint, or reuse its cached eval.json (written atomically, so never half)."""
-    out = eval_dir(cfg, label, path, prepared, oracle)
+    """Evaluate one subject (a checkpoint path: as it is), or reuse its cached eval.json (written atomically, so
+    never half)."""
+    subject = as_subject(subject)
+    out = eval_dir(cfg, label, subject, prepared, oracle)
     if (out / "eval.json").is_file():
-        return ModelEval(label, path, out, json.loads((out / "eval.json").read_text()), cached=True)
-    result = evaluate_checkpoint(path, prepared, cfg, label=label, oracle=oracle, is_oracle=is_oracle)
+        return ModelEval(label, subject.path, out, json.loads((out / "eval.json").read_text()), cached=True)
+    result = evaluate_checkpoint(subject, prepared, cfg, label=label, oracle=oracle, is_oracle=is_oracle)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".eval.json.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, out / "eval.json")
-    return ModelEval(label, path, out, result, cached=False)
+    return ModelEval(label, subject.path, out, result, cached=False)
 
 
 def checkpoint_problems(cfg: ExperimentConfig, prepared: PreparedData) -> list[str]:

@@ -10,8 +10,9 @@ default weights (`gamma` forget, `alpha` retain), the default retain term, `cach
 model's sequence log-probs of the paired streams, computed once before training and attached to
 `forget` / `idk` / `alt` as `ref_logp`), `trains` (the parameter naming the regexes of the weights that
 train; all of them otherwise) and `dual` (a function updating the retain weight after each optimizer
-step, `methods/pdu.py`). Retain terms live in `RETAIN_LOSSES` and declare their reads the same way
-(`retain`, `retain_logits`, `ref_retain_hidden`, ...).
+step, `methods/pdu.py`). An in-context method (`in_context`, `methods/icul.py`) trains nothing: it takes
+the rows of one evaluated question and returns the `Context` put before it. Retain terms live in
+`RETAIN_LOSSES` and declare their reads the same way (`retain`, `retain_logits`, `ref_retain_hidden`, ...).
 """
 
 from __future__ import annotations
@@ -55,10 +56,18 @@ def reads(entry: Entry) -> dict[str, Read]:
     return {name: read for name in named if (read := parse_read(name)) is not None}
 
 
+CONTEXT_ARGS = ["question_row", "forget_row", "retain_rows", "rng"]
+
+
 def _check(entry: Entry, *, retain_term: bool) -> None:
-    """Registration-time checks: every positional parameter is a known read of the right streams."""
+    """Registration-time checks: every positional parameter is a known read of the right streams; an in-context
+    method takes the rows its `Context` is built from instead (`CONTEXT_ARGS`)."""
     params = inspect.signature(entry.fn).parameters.values()
     named = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if entry.meta.get("in_context"):
+        if retain_term or named != CONTEXT_ARGS:
+            raise ValueError(f"{entry.name}: an in-context method takes ({', '.join(CONTEXT_ARGS)}), got {named}")
+        return
     unknown = [n for n in named if parse_read(n) is None]
     if unknown:
         raise ValueError(f"{entry.name}: positional parameters {unknown} are not reads; valid: {', '.join(READS)}")
@@ -77,8 +86,16 @@ def _check(entry: Entry, *, retain_term: bool) -> None:
         raise ValueError(f"{entry.name}: trains={trains!r} is not one of its parameters")
 
 
+def in_context(method: Any) -> bool:
+    """Whether a configured method (a `MethodConfig`) trains nothing and changes the prompt instead."""
+    return bool(METHODS.get(method.name).meta.get("in_context"))
+
+
 def method_reads(method: Any) -> dict[str, Read]:
-    """Everything a configured method (a `MethodConfig`) reads: its loss's and its retain term's."""
+    """Everything a configured method (a `MethodConfig`) reads: its loss's and its retain term's (nothing for an
+    in-context method)."""
+    if in_context(method):
+        return {}
     out = dict(reads(METHODS.get(method.name)))
     if retain_active(method):
         out.update(reads(RETAIN_LOSSES.get(str(method.retain_loss))))
@@ -105,7 +122,9 @@ from unlearning.methods import (  # noqa: E402,F401  (registration)
     ceu,
     finetune,
     ga,
+    icul,
     idkdpo,
+    instruct,
     npo,
     pdu,
     retain,

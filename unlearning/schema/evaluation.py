@@ -29,6 +29,9 @@ class EvalConfig(Strict):
     max_items: dict[str, int] = Field(default_factory=dict, description="split -> at most this many items "
                                       "evaluated: a fixed sample, the same for every model (TOFU evaluates 300 "
                                       "items of its retain set), e.g. {retain: 150}")
+    context_length: int | None = Field(None, ge=8, description="the most tokens an in-context method's context, "
+                                       "question and answer may take (demonstrations past it are dropped, the "
+                                       "answer never); default: the model's max_position_embeddings")
     snapshots: bool = Field(True, description="evaluate the models an unlearning run saved every "
                             "train.snapshot_every steps too, labelled <method>@step<N>")
     references: list[str] = Field(default_factory=list, description="labels of eval.models shown for comparison "

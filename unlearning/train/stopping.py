@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from unlearning.data.encoders import QAEncoder
 from unlearning.evaluate.metrics import auc, truth_ratio_of
 from unlearning.evaluate.probes import normalised_probability, split_requests
 from unlearning.schema import StopConfig
@@ -133,7 +134,7 @@ class StopRules:
 
     def _truth_ratios(self, rows: Sequence[dict[str, Any]]) -> np.ndarray:
         """Per row TR as the evaluation computes it (`metrics.split_truth_ratio`), in one sharded scoring pass."""
-        seqs, plan = split_requests(rows, self.tokenizer, self.template, self.max_length)
+        seqs, plan = split_requests(rows, QAEncoder(self.tokenizer, self.template, self.max_length))
         logp, ntok = sharded_answer_logprobs(self.module, seqs, pad_id=self.pad_id, batch_size=self.batch_size)
         base = plan["paraphrased"] if plan["paraphrased"] is not None else plan["answer"]
         return truth_ratio_of(logp[base], ntok[base], [(logp[ix], ntok[ix]) for ix in plan["perturbed"]])
