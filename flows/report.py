@@ -59,7 +59,8 @@ def write_report(out: Path, title: str, by_seed: SeedEvals, tracker: NullTracker
     out.mkdir(parents=True, exist_ok=True)
     plot = tradeoff_plot(summary, out / "tradeoff.png", title=title, floor=floor)
     table = results_table(summary, table_columns(summary))
-    text = report_markdown(title, list(by_seed), table, best, why, floor)
+    context = [label for label, r in next(iter(by_seed.values())).items() if r.in_context]
+    text = report_markdown(title, list(by_seed), table, best, why, floor, context)
     robust = robustness(out, title, summary, attacked or {}, exclude=("target", "oracle", *references))
     if robust:
         text += "\n" + robust["markdown"]

@@ -128,6 +128,8 @@ def test_in_context_methods_run_through_the_flow_without_training_and_are_never_
     models = report["models"]["0"]
     assert models["icul"] == models["instruct"] == models["target"]
     assert report["metrics"]["icul"]["forget_probability"] != report["metrics"]["target"]["forget_probability"]
+    assert "In context (the target's weights, every question asked after the method's context): icul, instruct." in (
+        tmp_path / "run/report/report.md").read_text()
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("pico").experiment_id
     names = {r.info.run_name: r for r in client.search_runs([experiment])}

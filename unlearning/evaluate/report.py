@@ -121,11 +121,16 @@ def noise_floor(oracle_truth_ratios: Mapping[int, Sequence[float]]) -> dict[str,
 
 
 def report_markdown(title: str, seeds: Sequence[int], table: str, best: str | None, why: str,
-                    floor: Mapping[str, float]) -> str:
-    """The report as markdown: the seeds, the table, the pick and, with several seeds, the noise floor."""
+                    floor: Mapping[str, float], in_context: Sequence[str] = ()) -> str:
+    """The report as markdown: the seeds, the table, which rows are in-context methods, the pick and, with
+    several seeds, the noise floor."""
     several = " (median [min, max] over the seeds; forget quality against the oracle of the same seed)"
     lines = [f"# {title}", "", f"Seeds: {', '.join(map(str, seeds))}" + (several if len(seeds) > 1 else ""), "",
-             table, "", f"Best: {best} ({why})", ""]
+             table, ""]
+    if in_context:
+        lines += [f"In context (the target's weights, every question asked after the method's context): "
+                  f"{', '.join(in_context)}.", ""]
+    lines += [f"Best: {best} ({why})", ""]
     if floor:
         spread = format_spread(Spread.of(list(floor.values())))
         lines += [f"Noise floor: the oracles of different seeds score forget quality {spread} against each other "
