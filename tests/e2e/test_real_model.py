@@ -1,9 +1,9 @@
 """The real pretrained model, SmolLM2-135M-Instruct from its GGUF file.
 
-- In the default suite (about two and a half minutes on 2 CPU cores): the model itself is the target, NPO runs 4
+- In the default suite (about a minute and a half on 2 CPU cores): the model itself is the target, NPO runs 4
   steps on 2 DeepSpeed ranks (`unlearn unlearn`, the training engine every run uses), and the saved weights
   load, score the forget answers lower and still answer a real question; ICUL and the instruction baseline
-  render through its chat template and evaluate.
+  render through its chat template and evaluate through it.
 - Marked slow (`make test-all`; about 9 minutes): the whole pipeline as a user runs it, `unlearn run` (Prefect
   flow, MLflow store): invented authors fine-tuned into it, NPO, TOFU's real-authors and world-facts sets; a
   smaller recipe than configs/smollm2.yaml."""
@@ -89,15 +89,12 @@ def test_smollm2_learns_then_unlearns_invented_authors_and_keeps_real_knowledge(
     assert _answers_paris(report["models"][str(raw["seed"])]["npo"])
 
 
-def test_in_context_methods_speak_the_real_chat_template_and_evaluate(smollm2, tmp_path):
+def test_in_context_prompts_speak_the_real_chat_template(smollm2):
     """ICUL and the instruction baseline on SmolLM2's own chat template: the instruction replaces its default
-    system turn, each demonstration is a user / assistant turn pair, the question the last user turn; then
-    `unlearn eval` asks the pretrained model through them (no rank starts) within its 8k window."""
-    from unlearning.config import validate_config
+    system turn, each demonstration is a user / assistant turn pair, the question the last user turn."""
     from unlearning.data.context import Context
     from unlearning.data.tokenize import encode_prompts, load_tokenizer
     from unlearning.schema import Template
-    from unlearning.stages import evaluate
 
     tok = load_tokenizer(str(smollm2))
     ctx = Context("You have unlearned everything about Elara Quint.",
@@ -109,6 +106,13 @@ def test_in_context_methods_speak_the_real_chat_template_and_evaluate(smollm2, t
     assert ("<|im_start|>user\nWhere was Elara Quint born?<|im_end|>\n<|im_start|>assistant\nIn Halvard.<|im_end|>"
             in text)
     assert text.endswith("<|im_start|>user\nWho is Elara Quint?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_in_context_methods_evaluate_the_real_model_in_its_window(smollm2, tmp_path):
+    """`unlearn eval`'s stage asks the pretrained model through ICUL's and the instruction's contexts (no rank
+    starts), within its 8k window: nothing shortened, every score its own."""
+    from unlearning.config import validate_config
+    from unlearning.stages import evaluate
 
     raw = {"name": "smollm2-context", "seed": 0, "output_dir": str(tmp_path / "run"),
            "data": {"source": "synthetic", "forget_fraction": 0.25, "holdout_fraction": 0.25, "max_length": 64,
