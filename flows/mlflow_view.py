@@ -7,9 +7,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from unlearning.config import method_runs
+from unlearning.config import method_runs, trained_runs
 from unlearning.evaluate.report import COLUMNS
-from unlearning.methods import in_context
 from unlearning.schema import ExperimentConfig
 
 
@@ -17,7 +16,7 @@ def run_title(cfg: ExperimentConfig) -> str:
     """e.g. `demo · lr 1e-05 · ga, npo · 3 seeds`: the config, its learning rate(s), methods and seeds (the lr
     early: the UI's name column is narrow, and the lr is what most often tells two runs apart)."""
     runs = method_runs(cfg)
-    lrs = sorted({run.train.lr for run in runs.values() if not in_context(run.method)})  # in-context: no lr
+    lrs = sorted({run.train.lr for run in trained_runs(cfg).values()})  # an in-context method has none
     seeds = len(cfg.seeds) if cfg.seeds else 1
     methods = [run.method.name if label == "unlearned" else label for label, run in runs.items()]
     parts = [cfg.name, *(["lr " + ", ".join(f"{lr:g}" for lr in lrs)] if lrs else []), ", ".join(methods)]

@@ -31,10 +31,9 @@ import unlearning
 from flows.mlflow_view import headline_metrics, labelled_history, run_title, table_view
 from flows.report import SeedAttacks, SeedEvals, register, write_report
 from unlearning import stages
-from unlearning.config import apply_overrides, method_runs, seed_runs, validate_config
+from unlearning.config import apply_overrides, method_runs, seed_runs, trained_runs, validate_config
 from unlearning.errors import raise_if
 from unlearning.hashing import content_hash
-from unlearning.methods import in_context
 from unlearning.models import model_identity
 from unlearning.outputs import output_problems, write_atomic
 from unlearning.schema import ExperimentConfig, Stage
@@ -206,14 +205,14 @@ def run_stages(cfg: ExperimentConfig, tracker: NullTracker, tag: str = ""
         tracker.log_metrics(flatten(built.summary["probability"]))  # type: ignore[arg-type]
         tracker.log_artifact(cfg.out / "models" / "summary.json")
     runs = method_runs(cfg) if "unlearned" in roles else {}
-    jobs = stages.training_jobs(cfg, runs, "merged" in roles)
+    jobs = stages.training_jobs(cfg, trained_runs(cfg) if runs else {}, "merged" in roles)
     trained: dict[str, stages.Unlearned] = {}
     if jobs:  # every training job of this config in one start of the ranks
         with tracker.run("train", nested=True):
             tracker.log_params({"jobs": ", ".join(jobs)})
             trained = call(train_task, train_key, "train", "unlearn", jobs, prepared, built)
     for label, run in runs.items():
-        if in_context(run.method):  # nothing trains: the evaluation asks the target through its prompts
+        if label not in jobs:  # in context: nothing trains, the evaluation asks the target through its prompts
             with tracker.run(f"unlearn-{label}", nested=True, tags={"in_context": "true"}):
                 tracker.log_params(flatten({"method": run.method.model_dump()}))
             continue

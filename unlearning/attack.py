@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unlearning.config import method_runs
+from unlearning.config import in_context_labels
 from unlearning.data.prepare import PreparedData, derive
 from unlearning.errors import UserError, raise_if
 from unlearning.evaluate import attacks as attack_defs
@@ -46,7 +46,6 @@ from unlearning.evaluate.attacks import (
 from unlearning.evaluate.metrics import choice_accuracy
 from unlearning.evaluate.runner import ModelEval, _device, compute_metrics, definitions_hash, evaluated_rows, run_probes
 from unlearning.hashing import content_hash
-from unlearning.methods import in_context
 from unlearning.models import DTYPES, load_causal_lm, model_identity
 from unlearning.schema import ExperimentConfig
 from unlearning.unlearn import RUN_SETTINGS, data_problems, forget_finetune, launch_problems, unlearn_many, world_size
@@ -138,7 +137,7 @@ def _in_context_problems(labels: list[str]) -> list[str]:
 
 def preflight_problems(cfg: ExperimentConfig, prepared: PreparedData) -> list[str]:
     """What the attack stage would refuse, found from the config and the data before any model is built."""
-    context = [label for label, run in method_runs(cfg).items() if in_context(run.method)]
+    context = in_context_labels(cfg)
     named = _in_context_problems([m for m in cfg.attack.models or [] if m in context])
     if named:
         return named

@@ -115,18 +115,16 @@ def cmd_build_models(args: argparse.Namespace) -> None:
 def cmd_unlearn(args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from unlearning.config import method_runs
-    from unlearning.methods import in_context
+    from unlearning.config import in_context_labels, trained_runs
     from unlearning.stages import unlearn_many
 
     console = Console()
     seeds = _seeds(_load(args))
-    context = [label for label, run in method_runs(seeds[0][1]).items() if in_context(run.method)]
+    context = in_context_labels(seeds[0][1])
     if context:
         console.print(f"{', '.join(context)}: in-context, nothing to train (`unlearn eval` evaluates it)", markup=False)
     runs = [(f"{heading}: {label}" if heading else label, done) for heading, cfg in seeds
-            for label, done in unlearn_many({label: run for label, run in method_runs(cfg).items()
-                                             if not in_context(run.method)}).items()]
+            for label, done in unlearn_many(trained_runs(cfg)).items()]
     for label, done in runs:
         s = done.summary
         losses = s["losses"]

@@ -183,6 +183,18 @@ def method_runs(cfg: ExperimentConfig) -> dict[str, ExperimentConfig]:
     return runs
 
 
+def trained_runs(cfg: ExperimentConfig) -> dict[str, ExperimentConfig]:
+    """`method_runs` without the in-context methods, which train nothing: the runs that are training jobs."""
+    from unlearning.methods import in_context  # the registry needs torch; import only when asked
+
+    return {label: run for label, run in method_runs(cfg).items() if not in_context(run.method)}
+
+
+def in_context_labels(cfg: ExperimentConfig) -> list[str]:
+    """The labels of `method_runs` that are in-context methods (evaluated on the target, never trained)."""
+    return [label for label in method_runs(cfg) if label not in trained_runs(cfg)]
+
+
 def seed_runs(cfg: ExperimentConfig) -> dict[int, ExperimentConfig]:
     """Seed → the config of one repetition: `seeds` each on the data of `data_seed`, or the config alone."""
     if not cfg.seeds:

@@ -15,7 +15,7 @@ from pathlib import Path
 from unlearning.attack import Attacked, attack, attack_dirs, attack_key, attacked_labels
 from unlearning.attack import preflight_problems as attack_preflight
 from unlearning.checkpoints import checkpoint_dir
-from unlearning.config import method_runs
+from unlearning.config import method_runs, trained_runs
 from unlearning.data.prepare import PreparedData, prepare, prepare_key
 from unlearning.errors import UserError, raise_if
 from unlearning.evaluate.runner import ModelEval, checkpoint_problems, eval_dir, evaluate_model
@@ -104,8 +104,7 @@ def evaluate(cfg: ExperimentConfig, extra: dict[str, Path] | None = None) -> dic
     raise_if(checkpoint_problems(cfg, prepared))
     roles = eval_roles(cfg)
     built = build_models(cfg, prepared) if roles else None
-    runs = method_runs(cfg) if "unlearned" in roles else {}
-    jobs = training_jobs(cfg, runs, "merged" in roles)
+    jobs = training_jobs(cfg, trained_runs(cfg) if "unlearned" in roles else {}, "merged" in roles)
     trained = unlearn_many(jobs, prepared=prepared, built=built) if jobs else {}
     merged = merge(cfg, prepared=prepared, built=built, finetuned=trained.get(FINETUNE_JOB)) \
         if "merged" in roles else None
@@ -121,8 +120,7 @@ def preflight(cfg: ExperimentConfig, prepared: PreparedData) -> list[str]:
     each method run's launch and data checks, the merge fine-tune's, the eval checkpoints and splits."""
     problems: list[str] = []
     roles = eval_roles(cfg)
-    runs = [(label, run) for label, run in method_runs(cfg).items() if not in_context(run.method)] \
-        if "unlearned" in roles else []
+    runs = [*trained_runs(cfg).items()] if "unlearned" in roles else []
     if "merged" in roles:
         runs.append(("merge.finetune", finetune_config(cfg)))
     for label, run in runs:

@@ -19,7 +19,6 @@ from typing import Any
 from unlearning.data.prepare import PreparedData, prepare
 from unlearning.hashing import content_hash
 from unlearning.merge.streaming import MERGES, merge_checkpoints
-from unlearning.methods import in_context
 from unlearning.models import BuiltModels, build_models, model_identity, probabilities
 from unlearning.outputs import write_atomic
 from unlearning.schema import ExperimentConfig
@@ -52,11 +51,9 @@ FINETUNE_JOB = "(merge.finetune)"  # its label among training jobs: no method la
 
 def training_jobs(cfg: ExperimentConfig, runs: dict[str, ExperimentConfig], merged: bool
                   ) -> dict[str, ExperimentConfig]:
-    """Every training job of a config's evaluation: the method runs (but in-context ones, which train nothing),
-    and the merge's forget fine-tune when merged models are evaluated (so that one start of the ranks trains
-    them all)."""
-    trained = {label: run for label, run in runs.items() if not in_context(run.method)}
-    return {**trained, **({FINETUNE_JOB: finetune_config(cfg)} if merged else {})}
+    """Every training job of a config's evaluation: the method runs that train (`config.trained_runs`), and the
+    merge's forget fine-tune when merged models are evaluated (so that one start of the ranks trains them all)."""
+    return {**runs, **({FINETUNE_JOB: finetune_config(cfg)} if merged else {})}
 
 
 def merged_key(cfg: ExperimentConfig, prepared: PreparedData, target: Path, lam: float) -> str:
