@@ -130,8 +130,9 @@ def test_the_window_drops_demonstrations_from_the_end_then_the_instruction_never
     # No demonstration fits: the instruction goes too, and the sequence is the plain encoder's.
     enc, got = fitted(len(plain["input_ids"]))
     assert got["input_ids"] == plain["input_ids"] and got["labels"] == plain["labels"]
-    # The prompt a greedy answer is generated from is the one the answer is scored after.
+    # The prompt a greedy answer is generated from is the one the answer is scored after, fitted once.
     assert enc.prompts([item]) == [got["input_ids"][:-len(answer)]]
+    assert enc.summary()["sequences"] == 1
     with pytest.raises(UserError, match="without any context, at least the window"):
         ContextEncoder(tok, tpl, 8, [ctx]).qa_many([item])
 

@@ -48,7 +48,8 @@ class ContextEncoder(QAEncoder):
     def __init__(self, tokenizer: Any, template: Template, max_length: int, contexts: Sequence[Context]):
         super().__init__(tokenizer, template, max_length)
         self.contexts = list(contexts)
-        self.sequences = self.shortened = self.demos_dropped = 0
+        self._fits: dict[tuple[int, str, int], list[int]] = {}  # (row, question, room) → its prompt
+        self.shortened = self.demos_dropped = 0
 
     def answer_row(self, index: int, row: dict[str, Any]) -> dict[str, list[int]]:
         return self.qa_many([(index, row["question"], row["answer"])])[0]
@@ -60,20 +61,22 @@ class ContextEncoder(QAEncoder):
 
     def _fitted(self, index: int, question: str, room: int) -> list[int]:
         """The prompt of `question` after as much of row `index`'s context as leaves `room` tokens within
-        `max_length`: every demonstration, then fewer from the end, then none, then no instruction either."""
-        context = self.contexts[index]
-        tries = [context.shortened(k) for k in range(len(context.demos), -1, -1)]
-        if context.instruction:
-            tries.append(Context())
-        self.sequences += 1
-        for tried in tries:
-            ids = encode_prompts(self.tokenizer, self.template, [question], [tried])[0]
-            if len(ids) + room <= self.max_length or tried == tries[-1]:
-                dropped = len(context.demos) - len(tried.demos) + (context.instruction != tried.instruction)
-                self.shortened += dropped > 0
-                self.demos_dropped += len(context.demos) - len(tried.demos)
-                return ids
-        raise AssertionError("unreachable: the last try is always returned")
+        `max_length`: every demonstration, then fewer from the end, then none, then no instruction either.
+        Fitted once per (row, question, room): a greedy answer is generated after the prompt it is scored after."""
+        key = (index, question, room)
+        if key not in self._fits:
+            context = self.contexts[index]
+            tries = [context.shortened(k) for k in range(len(context.demos), -1, -1)]
+            if context.instruction:
+                tries.append(Context())
+            for tried in tries:
+                ids = encode_prompts(self.tokenizer, self.template, [question], [tried])[0]
+                if len(ids) + room <= self.max_length or tried is tries[-1]:
+                    break
+            self._fits[key] = ids
+            self.shortened += tried != context
+            self.demos_dropped += len(context.demos) - len(tried.demos)
+        return self._fits[key]
 
     def qa_many(self, items: Sequence[tuple[int, str, str]]) -> list[dict[str, list[int]]]:
         out = []
@@ -89,12 +92,12 @@ class ContextEncoder(QAEncoder):
         return out
 
     def prompts(self, items: Sequence[tuple[int, str, str]]) -> list[list[int]]:
-        # The context the answer is scored after is the one its greedy answer is generated after.
         return [self._fitted(index, question, len(answer))
                 for (index, question, _), answer in zip(items, self._answer_ids([a for _, _, a in items]),
                                                         strict=True)]
 
     def summary(self) -> dict[str, Any]:
-        """How often the window shortened a context: sequences encoded, those shortened, demonstrations dropped."""
-        return {"max_length": self.max_length, "sequences": self.sequences, "shortened": self.shortened,
+        """How often the window shortened a context: the distinct prompts fitted, those shortened, the
+        demonstrations dropped from them."""
+        return {"max_length": self.max_length, "sequences": len(self._fits), "shortened": self.shortened,
                 "demos_dropped": self.demos_dropped}

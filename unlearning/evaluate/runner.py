@@ -155,8 +155,9 @@ def evaluate_checkpoint(subject: Subject, prepared: PreparedData, cfg: Experimen
     rows = {s: evaluated_rows(data, s, cfg) for s in splits}
     window = cfg.eval.context_length or int(getattr(model.config, "max_position_embeddings", 0) or 0) \
         or cfg.data.max_length
-    encoders = subject.encoders(rows, data, prepared.tokenizer(), cfg, window)
-    probes = run_probes(model, rows, prepared.tokenizer(), cfg, generations=suite.generations, encoders=encoders)
+    tokenizer = prepared.tokenizer()
+    encoders = subject.encoders(rows, data, tokenizer, cfg, window)
+    probes = run_probes(model, rows, tokenizer, cfg, generations=suite.generations, encoders=encoders)
     probe_s = time.perf_counter() - start
     start = time.perf_counter()
     values = compute_metrics(probes, suite.metrics, oracle=oracle.result if oracle else None, is_oracle=is_oracle,
