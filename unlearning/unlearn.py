@@ -29,9 +29,8 @@ from unlearning.outputs import write_atomic
 from unlearning.schema import ExperimentConfig, MethodConfig, StopConfig
 from unlearning.train.launch import read_hostfile
 from unlearning.train.objective import needs
-from unlearning.train.supervise import TrainingFailed, launch, launch_group, world_size
-
-__all__ = ["TrainingFailed", "Unlearned", "unlearn", "unlearn_many", "world_size"]
+from unlearning.train.supervise import TrainingFailed as TrainingFailed  # re-exported: what unlearn() raises
+from unlearning.train.supervise import launch, launch_group, world_size
 
 UNLEARN_VERSION = 1
 
