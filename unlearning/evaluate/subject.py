@@ -57,11 +57,10 @@ def contexts(method: MethodConfig, seed: int, split: str, rows: Sequence[dict[st
              forget: Sequence[dict[str, Any]], retain: Sequence[dict[str, Any]]) -> list[Context]:
     """The context of each of a split's evaluated rows under an in-context method: for a forget row, built
     around that row (the item being unlearned); for any other, around a forget row drawn from the seed."""
-    entry = METHODS.get(method.name)
-    params = {k: v for k, v in method.params.items() if k in entry.params}
+    policy = METHODS.get(method.name).fn
     out = []
     for i, row in enumerate(rows):
         rng = random.Random(content_hash(seed, method.name, split, i, row["question"]))
         forget_row = row if split == "forget" else rng.choice(forget)
-        out.append(entry.fn(row, forget_row, retain, rng, **params))
+        out.append(policy(row, forget_row, retain, rng, **method.params))  # params checked at load
     return out
