@@ -150,10 +150,10 @@ def test_in_context_methods_evaluate_on_the_target_without_a_launch(tmp_path):
              for p in (tmp_path / "run/eval").iterdir()}
     assert set(evals) == {"target", "oracle", "icul", "icul4_refusal", "instruct"}
     target = evals["target"]
-    for label in ("icul", "icul4_refusal", "instruct"):
+    for label, method in (("icul", "icul"), ("icul4_refusal", "icul"), ("instruct", "instruct")):
         ev = evals[label]
         assert label in res.stdout and ev["model"] == target["model"] and ev["identity"] != target["identity"]
-        assert ev["context"]["method"]["name"] == label.split("4")[0]
+        assert ev["context"]["method"]["name"] == method
         assert ev["context"]["encoding"]["forget"]["demos_dropped"] == 0
         # Same weights, other prompts: every forget answer is scored differently from the target's.
         ours, theirs = (e["per_example"]["forget_probability"] for e in (ev, target))
