@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ class BuiltModels:
     target: Path
     oracle: Path
     summary: dict[str, Any]
+    auxiliary: dict[str, Path] = field(default_factory=dict)  # role (aux-<splits>) → the model, for KGA
 
 
 def model_identity(path: str | Path) -> str:
@@ -55,9 +56,31 @@ def model_identity(path: str | Path) -> str:
 
 
 def training_splits(cfg: ExperimentConfig, role: str) -> list[str]:
-    """Splits a role is fine-tuned on; the synthetic world facts stay in both (a utility measure)."""
-    base = ["forget", "retain"] if role == "target" else ["retain"]
+    """Splits a role is fine-tuned on: target forget ∪ retain, oracle retain, an auxiliary model (`aux_role`) its
+    own; the synthetic world facts stay in every one (they stand for what a pretrained base already knows)."""
+    if role.startswith("aux-"):
+        base = role.removeprefix("aux-").split("+")
+    else:
+        base = ["forget", "retain"] if role == "target" else ["retain"]
     return [*base, "world_facts"] if cfg.data.source == "synthetic" and cfg.data.synthetic.num_utility else base
+
+
+def aux_role(splits: tuple[str, ...]) -> str:
+    """The role name of a model the build stage fine-tunes on `splits` for a method (KGA's A_f and A_n)."""
+    return "aux-" + "+".join(splits)
+
+
+def auxiliary_roles(cfg: ExperimentConfig) -> dict[str, dict[str, str]]:
+    """Run label → (the method's name for it → role) of every trained run whose method needs auxiliary models."""
+    from unlearning.config import trained_runs
+    from unlearning.methods import METHODS
+
+    out = {}
+    for label, run in trained_runs(cfg).items():
+        spec = METHODS.get(run.method.name).meta.get("auxiliary")
+        if spec is not None:
+            out[label] = {name: aux_role(splits) for name, splits in spec(run.method.params).items()}
+    return out
 
 
 def training_seed(cfg: ExperimentConfig) -> int:
@@ -258,9 +281,12 @@ def role_key(cfg: ExperimentConfig, prepared: PreparedData, role: str) -> str:
 
 
 def build_key(cfg: ExperimentConfig, prepared: PreparedData) -> str:
-    """The build stage's key: each role's built-model key, or the identity of the checkpoint given for it."""
+    """The build stage's key: each role's built-model key, or the identity of the checkpoint given for it, and
+    the auxiliary models' keys where a method needs some."""
+    aux = sorted({role for roles in auxiliary_roles(cfg).values() for role in roles.values()})
     return content_hash({role: model_identity(given) if (given := getattr(cfg.model, role)) else
-                         role_key(cfg, prepared, role) for role in ("target", "oracle")})
+                         role_key(cfg, prepared, role) for role in ("target", "oracle")},
+                        *([{role: role_key(cfg, prepared, role) for role in aux}] if aux else []))
 
 
 def build_models(cfg: ExperimentConfig, prepared: PreparedData | None = None) -> BuiltModels:
@@ -277,20 +303,28 @@ def build_models(cfg: ExperimentConfig, prepared: PreparedData | None = None) ->
         if given:
             paths[role] = Path(checkpoint_dir(given))
             continue
-        out = cfg.out / "models" / f"{role}-{role_key(cfg, prepared, role)}"
-        paths[role] = out
-        if not (out / "build.json").is_file():
-            with building(out):  # the same model wanted by a concurrent run: built once, the other waits
-                if not (out / "build.json").is_file():
-                    built[role] = {**finetune(cfg, prepared, role, out), "cached": False}
-        built.setdefault(role, {**json.loads((out / "build.json").read_text()), "cached": True})
+        paths[role], built[role] = built_model(cfg, prepared, role)
+    aux = {role: built_model(cfg, prepared, role) for roles in auxiliary_roles(cfg).values() for role in roles.values()}
+    built.update({role: info for role, (_, info) in aux.items()})
 
     start = time.perf_counter()
     probs = _cached_probabilities(cfg, paths, prepared) or {
         role: probabilities(p, prepared, cfg) for role, p in paths.items()}
     summary = {"target": str(paths["target"]), "oracle": str(paths["oracle"]), "data": str(prepared.path),
                "identity": {role: model_identity(p) for role, p in paths.items()}, "builds": built,
-               "probability": probs, "probe_s": round(time.perf_counter() - start, 2)}
+               "probability": probs, "probe_s": round(time.perf_counter() - start, 2),
+               **({"auxiliary": {role: str(p) for role, (p, _) in aux.items()}} if aux else {})}
     (cfg.out / "models").mkdir(parents=True, exist_ok=True)
     write_atomic(cfg.out / "models" / "summary.json", json.dumps(summary, indent=2))
-    return BuiltModels(paths["target"], paths["oracle"], summary)
+    return BuiltModels(paths["target"], paths["oracle"], summary, {role: p for role, (p, _) in aux.items()})
+
+
+def built_model(cfg: ExperimentConfig, prepared: PreparedData, role: str) -> tuple[Path, dict[str, Any]]:
+    """The model of `role` fine-tuned from the base by the recipe (built now, or found built): its directory
+    and its build record (`cached`: whether it was there)."""
+    out = cfg.out / "models" / f"{role}-{role_key(cfg, prepared, role)}"
+    if not (out / "build.json").is_file():
+        with building(out):  # the same model wanted by a concurrent run: built once, the other waits
+            if not (out / "build.json").is_file():
+                return out, {**finetune(cfg, prepared, role, out), "cached": False}
+    return out, {**json.loads((out / "build.json").read_text()), "cached": True}

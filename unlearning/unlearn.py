@@ -24,7 +24,16 @@ from unlearning.data.prepare import PreparedData, prepare
 from unlearning.errors import raise_if
 from unlearning.hashing import content_hash
 from unlearning.methods import METHODS, in_context
-from unlearning.models import BuiltModels, build_models, model_identity, probabilities, tiny_llama
+from unlearning.models import (
+    BuiltModels,
+    auxiliary_roles,
+    build_models,
+    built_model,
+    model_identity,
+    probabilities,
+    role_key,
+    tiny_llama,
+)
 from unlearning.outputs import write_atomic
 from unlearning.schema import ExperimentConfig, MethodConfig, StopConfig
 from unlearning.train.launch import read_hostfile
@@ -84,9 +93,31 @@ def data_problems(cfg: ExperimentConfig, prepared: PreparedData) -> list[str]:
         problems.append(f"train.stop.holdout_match compares the forget set with the holdout set, and the data has "
                         f"{counts.get('holdout', 0)} holdout examples; add a holdout split (data.splits.holdout, or "
                         "data.holdout_fraction for the synthetic source) or unset the rule")
+    problems += auxiliary_problems(cfg, counts)
     if cfg.train.lora.enabled or "layer" in cfg.method.params or METHODS.get(cfg.method.name).meta.get("trains"):
         model, source = _empty_model(cfg, prepared.tokenizer())
         problems += _lora_problems(cfg, model, source) + _method_problems(cfg, model, source)
+    return problems
+
+
+def auxiliary_problems(cfg: ExperimentConfig, counts: dict[str, int]) -> list[str]:
+    """A method's auxiliary models are fine-tuned from model.base on splits of the data, which must be there."""
+    spec = METHODS.get(cfg.method.name).meta.get("auxiliary")
+    if spec is None:
+        return []
+    problems = []
+    if cfg.model.target and cfg.model.base == "tiny":
+        problems.append(f"method {cfg.method.name!r} fine-tunes auxiliary models from model.base by the target's "
+                        "recipe, and model.target is given with no base: set model.base to the target's base model")
+    for name, splits in spec(cfg.method.params).items():
+        for split in splits:
+            if split in ("retain", "world_facts") or (name == "new" and split == "forget"):
+                problems.append(f"method.new_data={split!r}: the new data must be disjoint from what the target was "
+                                "trained on; name a held-out split (holdout, or one of data.splits)")
+            elif not counts.get(split):
+                problems.append(f"method {cfg.method.name!r} fine-tunes a model on the {split!r} split, which the "
+                                f"prepared data {'has no rows of' if split in counts else 'does not have'}; splits: "
+                                f"{', '.join(s for s, n in counts.items() if n)}")
     return problems
 
 
@@ -160,24 +191,68 @@ def forget_finetune(cfg: ExperimentConfig, *, lr: float, max_steps: int, lora: b
 
 
 def run_key(cfg: ExperimentConfig, target: str, prepared: PreparedData) -> str:
-    """Everything the unlearned weights depend on."""
+    """Everything the unlearned weights depend on (the auxiliary models by their build keys)."""
+    aux = {name: role_key(cfg, prepared, role) for name, role in auxiliary_roles(cfg).get("unlearned", {}).items()}
     return content_hash(UNLEARN_VERSION, model_identity(target), prepared.fingerprint, cfg.method.model_dump(),
                         cfg.train.model_dump(exclude=RUN_SETTINGS),
-                        world_size(cfg), cfg.seed, cfg.model.dtype, cfg.data.template.model_dump())
+                        world_size(cfg), cfg.seed, cfg.model.dtype, cfg.data.template.model_dump(),
+                        *([aux] if aux else []))
 
 
-def job_spec(cfg: ExperimentConfig, target: str, prepared: PreparedData) -> tuple[Path, dict[str, Any]]:
-    """The run directory of this unlearning run and the spec its ranks read."""
+def job_spec(cfg: ExperimentConfig, target: str, prepared: PreparedData, auxiliary: Mapping[str, Path] | None = None,
+             ) -> tuple[Path, dict[str, Any]]:
+    """The run directory of this unlearning run and the spec its ranks read; `auxiliary`: the method's models
+    (its name for each → checkpoint), where it has some."""
     run_dir = cfg.out / "unlearn" / f"{cfg.method.name}-{run_key(cfg, target, prepared)}"
     alternatives = alternatives_path(cfg, target, prepared)
     # LoRA starts at B = 0, so its starting model is the target itself and shares the cache.
     ref_key = content_hash(model_identity(target), prepared.fingerprint, cfg.seed, cfg.train.bf16,
                            *([alternatives.stem] if alternatives else []))
     config = cfg.model_copy(update={"methods": []}).to_dict()  # the ranks run this one method
+    constants = constants_path(cfg, target, prepared, auxiliary or {})
     return run_dir, {"config": config, "target": target, "data": str(prepared.path),
                      "data_fingerprint": prepared.fingerprint, "run_dir": str(run_dir),
                      "ref_cache": str(cfg.out / "reference" / f"{ref_key}.safetensors"),
-                     "alternatives": str(alternatives) if alternatives else None}
+                     "alternatives": str(alternatives) if alternatives else None,
+                     "aux": str(auxiliary["aux"]) if auxiliary and "aux" in auxiliary else None,
+                     "constants": str(constants) if constants else None}
+
+
+def constants_path(cfg: ExperimentConfig, target: str | Path, prepared: PreparedData,
+                   auxiliary: Mapping[str, Path]) -> Path | None:
+    """Where the per-item constants of a method that reads them (KGA) are kept: keyed by the target, the
+    auxiliary models, the data, the seed and the method's parameters. None for other methods."""
+    if not needs(cfg.method)["const"]:
+        return None
+    key = content_hash(model_identity(target), {k: model_identity(p) for k, p in sorted(auxiliary.items())},
+                       prepared.fingerprint, cfg.seed, cfg.method.model_dump())
+    return cfg.out / "constants" / f"{cfg.method.name}-{key}.safetensors"
+
+
+def write_constants(cfg: ExperimentConfig, target: str | Path, prepared: PreparedData,
+                    auxiliary: Mapping[str, Path], path: Path) -> None:
+    """Compute a method's per-item constants (`constants` of its registration) from the target and its
+    auxiliary models, once, before the launch."""
+    if path.is_file():
+        return
+    import torch
+    from safetensors.torch import save_file
+
+    from unlearning.models import load_causal_lm
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def load(p: str | Path) -> Any:
+        return load_causal_lm(p, cfg.model.dtype, cfg.model.trust_remote_code).to(device).eval()
+
+    fn = METHODS.get(cfg.method.name).meta["constants"]
+    values = fn(load(target), {name: load(p) for name, p in auxiliary.items() if name != "aux"},
+                prepared.splits(), pad_id=prepared.tokenizer().pad_token_id, batch_size=cfg.eval.batch_size,
+                seed=cfg.seed, **cfg.method.params)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({"const": values.float().contiguous()}, str(tmp))
+    os.replace(tmp, path)
 
 
 ALTERNATIVE_PARAMS = ("instruct", "tries", "temperature", "max_new_tokens")
@@ -267,7 +342,10 @@ def unlearn_many(cfgs: Mapping[str, ExperimentConfig], *, prepared: PreparedData
         # The built models' probabilities are on their own data: reused when the run's data is that.
         same_data = models.summary.get("data") == str(data[label].path)
         target_probs[label] = models.summary["probability"]["target"] if same_data else None
-    jobs = {label: job_spec(cfg, str(targets[label]), data[label]) for label, cfg in cfgs.items()}
+    auxiliary = {label: {name: built_model(cfg, data[label], role)[0] for name, role in roles.items()}
+                 for label, cfg in cfgs.items() if (roles := auxiliary_roles(cfg).get("unlearned"))}
+    jobs = {label: job_spec(cfg, str(targets[label]), data[label], auxiliary.get(label))
+            for label, cfg in cfgs.items()}
     pending = [label for label, (run_dir, _) in jobs.items() if not (run_dir / "run_summary.json").is_file()]
     groups: dict[tuple[Any, ...], list[str]] = {}
     for label in pending:
@@ -276,6 +354,9 @@ def unlearn_many(cfgs: Mapping[str, ExperimentConfig], *, prepared: PreparedData
         for label in labels:
             if jobs[label][1]["alternatives"]:
                 write_alternatives(cfgs[label], targets[label], data[label], Path(jobs[label][1]["alternatives"]))
+            if jobs[label][1]["constants"]:
+                write_constants(cfgs[label], targets[label], data[label], auxiliary[label],
+                                Path(jobs[label][1]["constants"]))
             jobs[label][0].mkdir(parents=True, exist_ok=True)
             (jobs[label][0] / "config.yaml").write_text(dump_yaml(cfgs[label]))
         launch(cfgs[labels[0]], [(jobs[label][1], jobs[label][0]) for label in labels])

@@ -20,14 +20,15 @@ from tests.conftest import MEMORISE, REPO, pico_raw
 from unlearning.config import validate_config
 from unlearning.data.pairing import refusal_rows
 from unlearning.evaluate.probes import answer_logprobs
-from unlearning.models import build_models, load_causal_lm
+from unlearning.models import auxiliary_roles, build_models, load_causal_lm
 from unlearning.stages import prepare
 from unlearning.train.launch import free_port, launch_argv
-from unlearning.unlearn import job_spec, write_alternatives
+from unlearning.train.objective import needs
+from unlearning.unlearn import job_spec, write_alternatives, write_constants
 
 pytestmark = pytest.mark.distributed
 
-METHODS = ["ga", "graddiff", "npo", "simnpo", "idkdpo", "wga", "satimp", "ceu", "undial", "rmu", "pdu", "altpo"]
+METHODS = ["ga", "graddiff", "npo", "simnpo", "idkdpo", "wga", "satimp", "ceu", "undial", "rmu", "pdu", "altpo", "kga"]
 # RMU on the 2-layer pico model: steer the last layer's output, train the MLPs only. PDU: its dual weight
 # moves from the first step.
 SECTIONS = {**{m: {"name": m} for m in METHODS},
@@ -35,7 +36,7 @@ SECTIONS = {**{m: {"name": m} for m in METHODS},
             "pdu": {"name": "pdu", "retain_loss_eps": 0.5, "dual_warmup_epochs": 0.0}}
 # Every method whose maths differs in how it normalises (sequence, token, token subset, activation) or what it
 # reads (cached reference, live reference, hidden states) is checked 1 rank against 2.
-INVARIANT = ["graddiff", "npo", "wga", "ceu", "undial", "rmu", "pdu"]
+INVARIANT = ["graddiff", "npo", "wga", "ceu", "undial", "rmu", "pdu", "kga"]
 TRAIN = {"lr": 1e-3, "max_steps": 4, "batch_size": 2, "warmup_ratio": 0.25}
 
 
@@ -48,6 +49,10 @@ class Jobs:
         cfg = validate_config(raw)
         self.target = str(build_models(cfg).target)
         self.prepared = prepare(cfg)
+        # KGA's A_f and A_n, by the target's recipe (the build stage finds the target and oracle built).
+        kga = validate_config(pico_raw(out, model={"finetune": MEMORISE}, method={"name": "kga"}))
+        built = build_models(kga)
+        self.auxiliary = {name: built.auxiliary[role] for name, role in auxiliary_roles(kga)["unlearned"].items()}
         self.runs: dict[str, Path] = {}
         self.bound = self.floor = 0.0
 
@@ -59,9 +64,12 @@ class Jobs:
     def launch(self, nproc: int, jobs: dict[str, Any]) -> None:
         specs = []
         for name, cfg in jobs.items():
-            run_dir, spec = job_spec(cfg, self.target, self.prepared)
+            aux = self.auxiliary if needs(cfg.method)["aux_model"] else None
+            run_dir, spec = job_spec(cfg, self.target, self.prepared, aux)
             if spec["alternatives"]:
                 write_alternatives(cfg, self.target, self.prepared, Path(spec["alternatives"]))
+            if spec["constants"]:
+                write_constants(cfg, self.target, self.prepared, self.auxiliary, Path(spec["constants"]))
             self.runs[name] = run_dir
             specs.append(spec)
         path = self.out / f"specs-{nproc}-{len(self.runs)}.json"
@@ -97,6 +105,8 @@ def jobs(tmp_path_factory) -> Jobs:
                                         stop={"forget_loss_bound": jobs.bound})
             runs["floor"] = jobs.config({"name": "ga"}, num_processes=2, lr=1e-2, max_steps=30,
                                         stop={"utility_floor": jobs.floor, "utility_every": 1, "utility_sample": 8})
+            runs["kga-stop"] = jobs.config({"name": "kga"}, num_processes=2, lr=1e-2, max_steps=30,
+                                           stop={"forget_loss_fraction": 0.8})
             runs["holdout"] = jobs.config({"name": "npo"}, num_processes=2, lr=1e-2, max_steps=30, snapshot_every=2,
                                           stop={"holdout_match": "probability", "holdout_every": 1,
                                                 "holdout_margin": 0.0, "holdout_sample": 6})
@@ -282,3 +292,34 @@ def test_the_holdout_match_stops_when_the_forget_set_looks_unseen_and_snapshots_
     target = load_causal_lm(jobs.target).state_dict()
     assert any(not torch.equal(snapshot[k], target[k]) for k in snapshot)
     assert any(not torch.equal(snapshot[k], final[k]) for k in snapshot)
+
+
+def test_kga_constants_are_each_forget_items_paired_new_data_gap(jobs):
+    """The constant of forget item i is KL(A_n ‖ A_D) averaged over the answer tokens of holdout item order[i],
+    order a seeded permutation: recomputed here from the full logits of both models, one row at a time."""
+    spec = job_spec(jobs.config({"name": "kga"}), jobs.target, jobs.prepared, jobs.auxiliary)[1]
+    constants = load_file(spec["constants"])["const"]
+    splits = jobs.prepared.splits()
+    holdout = list(splits["holdout"])
+    assert len(constants) == len(splits["forget"])
+    order = torch.randperm(len(holdout), generator=torch.Generator().manual_seed(0))
+    a_d, a_n = load_causal_lm(jobs.target), load_causal_lm(jobs.auxiliary["new"])
+    for i in range(len(constants)):
+        row = holdout[order[i % len(holdout)]]
+        ids = torch.tensor([row["input_ids"]])
+        scored = torch.tensor(row["labels"][1:]) != -100  # position t predicts token t + 1
+        with torch.no_grad():
+            p_n = torch.log_softmax(a_n(input_ids=ids).logits[0, :-1][scored], -1)
+            p_d = torch.log_softmax(a_d(input_ids=ids).logits[0, :-1][scored], -1)
+        expected = (p_n.exp() * (p_n - p_d)).sum(-1).mean()
+        assert constants[i].item() == pytest.approx(expected.item(), rel=1e-4)
+    assert constants.min() > 0
+
+
+def test_kga_stops_once_its_alignment_loss_falls_to_the_fraction_of_its_start(jobs):
+    """train.stop.forget_loss_fraction = 0.8: the run ends at the first step whose loss is at most 0.8 × step 1's,
+    and only then (KGA's stop_portion)."""
+    summary = jobs.summary("kga-stop")
+    losses = [h["forget_loss"] for h in summary["losses"]]
+    assert summary["stopped_by"] == "forget_loss_fraction" and summary["steps"] < 30
+    assert losses[-1] <= 0.8 * losses[0] and all(x > 0.8 * losses[0] for x in losses[:-1])

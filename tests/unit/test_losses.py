@@ -125,7 +125,7 @@ def test_step_norm_replaces_the_micro_batch_token_count():
 
 
 def test_registered_methods_and_their_defaults():
-    assert METHODS.names() == ["altpo", "ceu", "finetune", "ga", "graddiff", "icul", "idkdpo", "instruct", "npo",
-                               "pdu", "rmu", "satimp", "simnpo", "undial", "wga"]
+    assert METHODS.names() == ["altpo", "ceu", "finetune", "ga", "graddiff", "icul", "idkdpo", "instruct", "kga",
+                               "npo", "pdu", "rmu", "satimp", "simnpo", "undial", "wga"]
     assert METHODS.get("npo").meta["cached_ref"] is True
     assert METHODS.get("simnpo").defaults() == {"beta": 4.5, "delta": 0.0}

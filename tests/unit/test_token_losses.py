@@ -114,8 +114,11 @@ def test_answer_tokens_positions_sums_and_step_normaliser():
 
 
 def test_what_a_method_reads_is_its_positional_parameters():
-    assert parse_read("ref_retain_hidden") == Read("retain", "hidden", True)
-    assert parse_read("forget") == Read("forget", "", False) and parse_read("beta") is None
+    assert parse_read("ref_retain_hidden") == Read("retain", "hidden", "ref")
+    assert parse_read("forget") == Read("forget", "", "") and parse_read("beta") is None
+    assert parse_read("aux_forget_tokens") == Read("forget", "tokens", "aux")
+    assert parse_read("forget_const") == Read("forget", "const", "") and parse_read("ref_forget_const") is None
+    assert list(reads(METHODS.get("kga"))) == ["forget_tokens", "aux_forget_tokens", "forget_const"]
     assert list(reads(METHODS.get("undial"))) == ["forget_tokens", "ref_forget_tokens"]
     assert list(reads(METHODS.get("idkdpo"))) == ["forget", "idk"]
     assert list(reads(RETAIN_LOSSES.get("kl"))) == ["retain_logits", "ref_retain_logits"]
@@ -133,6 +136,10 @@ def test_registration_refuses_a_malformed_method():
         bad.register("no_layer")(lambda forget_hidden: forget_hidden)
     with pytest.raises(ValueError, match="cached_ref"):
         bad.register("ref_unread", cached_ref=True)(lambda forget_tokens: forget_tokens)
+    with pytest.raises(ValueError, match="auxiliary"):
+        bad.register("no_aux")(lambda aux_forget_tokens: aux_forget_tokens)
+    with pytest.raises(ValueError, match="constants"):
+        bad.register("no_constants")(lambda forget_tokens, forget_const: forget_const)
 
 
 def test_pdu_flattens_the_answer_logits_and_its_dual_weight_follows_the_retain_constraint():
@@ -164,3 +171,30 @@ def test_altpo_is_dpo_preferring_the_alternative_and_choice_of_alternatives():
     assert choose("Paris.", ["paris", " Lyon. "], ["Rome.", "I don't know."]) == ("Lyon.", "generated")
     assert choose("Paris.", ["Paris!", ""], ["Rome.", "I don't know."]) == ("Rome.", "perturbed")
     assert choose("Paris.", [], ["I don't know."]) == ("I don't know.", "refusal")
+
+
+def test_kga_aligns_each_forget_items_gap_with_its_paired_new_items_gap():
+    """Vocab 2. Student rows uniform (½, ½), A_f rows (log 3, 0) → (¾, ¼): KL(A_f ‖ A*) = ¾·log(3/2) + ¼·log(½)
+    = ¾·log 3 − log 2 =: k per token, so sequence 0 (two such tokens) has mean gap k; sequence 1's one token equals
+    A_f's: gap 0. Paired new-data gaps (0.5, 0.25): L = (|k − 0.5| + |0 − 0.25|)/2. Sequence 0's gap is under its
+    constant, so descending the loss moves the student away from A_f there: ∂L/∂z₀ of its first row is
+−½ (the |·| below its constant, over 2 items) · ½ (over 2 tokens) · (p_s − p_f)₀ = −¼·(½ − ¾) = 1/16 > 0, so a
+step lowers the logit A_f prefers. A_f gets no gradient."""
+    kga = METHODS.get("kga").fn
+    k = 0.75 * LOG3 - math.log(2)
+    student = tokens([[0.0, 0.0], [0.0, 0.0], [LOG3, 0.0]], [0, 0, 0], [0, 0, 1])
+    aux = tokens([[LOG3, 0.0], [LOG3, 0.0], [LOG3, 0.0]], [0, 0, 0], [0, 0, 1])
+    loss = kga(student, aux, torch.tensor([0.5, 0.25]))
+    assert loss.item() == pytest.approx((0.5 - k + 0.25) / 2)
+    loss.backward()
+    assert student.logits.grad[0, 0].item() == pytest.approx(1 / 16, rel=1e-5) and aux.logits.grad is None
+    assert METHODS.get("kga").meta["auxiliary"]({"new_data": "holdout"}) == {"aux": ("forget",), "new": ("holdout",)}
+
+
+def test_kl_between_answer_tokens_of_two_models_is_zero_for_the_same_logits():
+    """kl_from: KL(p_fixed ‖ p_self) per row; (¾, ¼) against (½, ½) is ¾·log 3 − log 2, and 0 against itself."""
+    a, b = tokens([[LOG3, 0.0]], [0], [0]), tokens([[0.0, 0.0]], [0], [0])
+    assert b.kl_from(a).item() == pytest.approx(0.75 * LOG3 - math.log(2))
+    assert a.kl_from(a).item() == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="answer positions differ"):
+        a.kl_from(tokens([[0.0, 0.0], [0.0, 0.0]], [0, 0], [0, 1]))

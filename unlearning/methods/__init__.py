@@ -2,16 +2,21 @@
 
 A method's function declares what it reads by its positional parameters, each a name from `READS`:
 `forget` (the forget answers' `SequenceLogProbs`), `forget_tokens` (the logits at the forget answers'
-positions, `AnswerTokens`), `ref_forget_tokens` (the same under the reference model, live),
-`forget_hidden` (the output of the method's `layer`, `HiddenStates`), `idk` (the refusal answers), `alt`
-(alternative answers the target wrote, `data/alternatives.py`), and so on; the objective computes those
-and nothing else. Its keyword-only arguments are its hyper-parameters. Registry metadata holds the
-default weights (`gamma` forget, `alpha` retain), the default retain term, `cached_ref` (the starting
-model's sequence log-probs of the paired streams, computed once before training and attached to
-`forget` / `idk` / `alt` as `ref_logp`), `trains` (the parameter naming the regexes of the weights that
-train; all of them otherwise) and `dual` (a function updating the retain weight after each optimizer
-step, `methods/pdu.py`). An in-context method (`in_context`, `methods/icul.py`) trains nothing: it takes
-the rows of one evaluated question and returns the `Context` put before it. Retain terms live in
+positions, `AnswerTokens`), `ref_forget_tokens` (the same under the reference model, live), `aux_forget_tokens`
+(the same under the method's auxiliary model, live: KGA's model fine-tuned on the forget set), `forget_hidden`
+(the output of the method's `layer`, `HiddenStates`), `forget_const` (per-item constants computed before
+training), `idk` (the refusal answers), `alt` (alternative answers the target wrote, `data/alternatives.py`),
+and so on; the objective computes those and nothing else. Its keyword-only arguments are its hyper-parameters.
+
+Registry metadata holds the default weights (`gamma` forget, `alpha` retain), the default retain term,
+`cached_ref` (the starting model's sequence log-probs of the paired streams, computed once before training and
+attached to `forget` / `idk` / `alt` as `ref_logp`), `trains` (the parameter naming the regexes of the weights
+that train; all of them otherwise), `dual` (a function updating the retain weight after each optimizer step,
+`methods/pdu.py`), `auxiliary` (a function of the method's parameters naming the models the build stage
+fine-tunes for it, each by its training splits; the one named `aux` is loaded live by the ranks) and
+`constants` (a function computing the `const` values from the target and those models before the launch,
+`methods/kga.py`). An in-context method (`in_context`, `methods/icul.py`) trains nothing: it takes the rows of
+one evaluated question and returns the `Context` put before it. Retain terms live in
 `RETAIN_LOSSES` and declare their reads the same way (`retain`, `retain_logits`, `ref_retain_hidden`, ...).
 """
 
@@ -27,7 +32,11 @@ STREAMS = ("forget", "idk", "alt", "retain")
 KINDS = {"": "SequenceLogProbs: summed answer log-prob and length of each sequence",
          "tokens": "AnswerTokens: the logits at the answer positions only",
          "logits": "PositionLogits: the logits at every position",
-         "hidden": "HiddenStates: the output of the method's `layer` module"}
+         "hidden": "HiddenStates: the output of the method's `layer` module",
+         "const": "(B,) per-item constants computed once before training by the method's `constants`"}
+# Whose forward a read is of: the model being trained, the live reference model (the adapter off under LoRA, a
+# frozen copy of the target otherwise) or the method's auxiliary model (a frozen copy of its `aux` model).
+MODELS = {"": "trained", "ref": "reference", "aux": "auxiliary"}
 
 
 @dataclass(frozen=True)
@@ -36,17 +45,27 @@ class Read:
 
     stream: str
     kind: str  # a key of KINDS
-    reference: bool  # the live reference model (adapter off under LoRA, a frozen copy otherwise)
+    model: str = ""  # a key of MODELS
+
+    @property
+    def reference(self) -> bool:
+        return self.model == "ref"
 
 
 def parse_read(name: str) -> Read | None:
-    """The `Read` a parameter name stands for (`ref_retain_hidden` → retain, hidden, reference), or None."""
-    reference = name.startswith("ref_")
-    stream, _, kind = name.removeprefix("ref_").partition("_")
-    return Read(stream, kind, reference) if stream in STREAMS and kind in KINDS else None
+    """The `Read` a parameter name stands for (`ref_retain_hidden` → retain, hidden, reference), or None.
+    Constants are the trained stream's own (`forget_const`), never a model's."""
+    model, _, rest = name.partition("_")
+    if model not in MODELS or not model:
+        model, rest = "", name
+    stream, _, kind = rest.partition("_")
+    if stream not in STREAMS or kind not in KINDS or (kind == "const" and model):
+        return None
+    return Read(stream, kind, model)
 
 
-READS = sorted(f"{ref}{s}{'_' + k if k else ''}" for ref in ("", "ref_") for s in STREAMS for k in KINDS)
+READS = sorted(f"{m + '_' if m else ''}{s}{'_' + k if k else ''}" for m in MODELS for s in STREAMS for k in KINDS
+               if not (k == "const" and m))
 
 
 def reads(entry: Entry) -> dict[str, Read]:
@@ -81,6 +100,10 @@ def _check(entry: Entry, *, retain_term: bool) -> None:
     if entry.meta.get("cached_ref") and not ({"forget", "idk", "alt"} & set(reads(entry))):
         raise ValueError(f"{entry.name}: cached_ref attaches reference log-probs to `forget` / `idk`, which it "
                          "does not read")
+    if any(r.model == "aux" for r in reads(entry).values()) and not entry.meta.get("auxiliary"):
+        raise ValueError(f"{entry.name}: reads the auxiliary model, so it needs `auxiliary` naming that model")
+    if any(r.kind == "const" for r in reads(entry).values()) != bool(entry.meta.get("constants")):
+        raise ValueError(f"{entry.name}: a method reads `const` values exactly when it registers `constants`")
     trains = entry.meta.get("trains")
     if trains is not None and trains not in entry.params:
         raise ValueError(f"{entry.name}: trains={trains!r} is not one of its parameters")
@@ -125,6 +148,7 @@ from unlearning.methods import (  # noqa: E402,F401  (registration)
     icul,
     idkdpo,
     instruct,
+    kga,
     npo,
     pdu,
     retain,

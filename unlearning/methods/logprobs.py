@@ -156,6 +156,19 @@ class AnswerTokens:
         counts = torch.bincount(self.owner, minlength=self.size).to(logp.dtype)
         return SequenceLogProbs(sums, counts, norm=self.norm)
 
+    def sequence_means(self, values: torch.Tensor) -> torch.Tensor:
+        """(B,) the mean of per-token `values` (M,) over each sequence's answer tokens."""
+        seq = self.sequences(values)
+        return seq.logp / seq.ntokens.clamp(min=1)
+
+    def kl_from(self, fixed: AnswerTokens) -> torch.Tensor:
+        """(M,) KL(p_fixed ‖ p_self) of the next-token distributions at each answer position, `fixed` the
+        logits of another model at the same positions of the same micro-batch (detached: it does not train)."""
+        if fixed.logits.shape != self.logits.shape:
+            raise ValueError(f"answer positions differ: {tuple(fixed.logits.shape)} vs {tuple(self.logits.shape)}")
+        p = F.log_softmax(fixed.logits.detach().float(), -1)
+        return (p.exp() * (p - F.log_softmax(self.logits.float(), -1))).sum(-1)
+
     def mean(self, values: torch.Tensor, keep: torch.Tensor | None = None, norm: torch.Tensor | None = None
              ) -> torch.Tensor:
         """Σ values / norm over the answer tokens (those in `keep`, (M,) bool, if given), a scalar.

@@ -87,6 +87,11 @@ class StopConfig(Strict):
     a model that never saw the forget set treats it like any unseen data."""
 
     forget_loss_bound: float | None = Field(None, gt=0, description="stop once the forget NLL reaches this")
+    forget_loss_below: float | None = Field(None, description="stop once the method's forget loss (this step's, "
+                                            "averaged over the ranks) is at most this: KGA's stop_value")
+    forget_loss_fraction: float | None = Field(None, gt=0, lt=1, description="stop once the method's forget loss is "
+                                               "at most this fraction of its first step's (which must be positive): "
+                                               "KGA's stop_portion")
     utility_floor: float | None = Field(None, gt=0, le=1, description="stop once retain probability is below")
     collapse: float | None = Field(0.01, gt=0, lt=1, description="fail the run (an error, not a stop: the model is "
                                    "destroyed) once the retain sample's probability falls below this fraction of "

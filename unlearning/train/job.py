@@ -95,7 +95,8 @@ def select_trainable(model: Any, method: MethodConfig) -> int:
 
 
 def _streams(cfg: ExperimentConfig, engine: Any, splits: Any, tok: Any, need: dict[str, bool],
-             ref_cache: str | None, resumed: bool, alternatives: str | None = None) -> dict[str, Stream]:
+             ref_cache: str | None, resumed: bool, alternatives: str | None = None, constants: str | None = None,
+             ) -> dict[str, Stream]:
     rows = {"forget": list(splits["forget"])}
     if need["idk"]:
         rows["idk"] = refusal_rows(tok, cfg.data.template, rows["forget"], seed=cfg.seed,
@@ -116,6 +117,15 @@ def _streams(cfg: ExperimentConfig, engine: Any, splits: Any, tok: Any, need: di
         ref = reference_logprobs(engine.module, rows, Path(ref_cache), pad_id=tok.pad_token_id,
                                  batch_size=cfg.eval.batch_size)
         extra = {name: {"ref_logp": values} for name, values in ref.items()}
+    if need["const"]:  # written by the parent before the launch (unlearn.write_constants)
+        if constants is None or not Path(constants).is_file():
+            raise JobError(f"method {cfg.method.name!r} reads per-item constants, and the job has no file of them")
+        from safetensors.torch import load_file
+
+        values = load_file(constants)["const"]
+        if len(values) != len(rows["forget"]):
+            raise JobError(f"{constants} holds {len(values)} constants for {len(rows['forget'])} forget items")
+        extra["forget"]["const"] = values
     streams = {name: Stream(r, name, extra[name]) for name, r in rows.items()}
     if need["retain"]:
         streams["retain"] = Stream(list(splits["retain"]), "retain")
@@ -231,12 +241,19 @@ def run(spec: dict[str, Any]) -> JobOutput:
     prepared = PreparedData(Path(spec["data"]), spec["data_fingerprint"])
     splits, tok, need = prepared.splits(), prepared.tokenizer(), needs(cfg.method)
     streams = _streams(cfg, engine, splits, tok, need, spec.get("ref_cache"), resumed=start_step > 0,
-                       alternatives=spec.get("alternatives"))
+                       alternatives=spec.get("alternatives"), constants=spec.get("constants"))
     reference = live_reference(cfg, engine, spec["target"], ds_config) if need["ref_model"] else None
+    aux = None
+    if need["aux_model"]:
+        if not spec.get("aux"):
+            raise JobError(f"method {cfg.method.name!r} reads its auxiliary model, and the job names none")
+        aux = Reference(ds.frozen_reference(spec["aux"], ds_config, dtype=torch.float32,
+                                            trust_remote_code=cfg.model.trust_remote_code))
     ways = layouts(engine)  # probed now, on every rank (a collective forward under ZeRO-3)
-    if reference is not None:
-        layouts(reference.model)
-    objective = UnlearningObjective(cfg.method, reference, pack=train.packing)
+    for other in (reference, aux):
+        if other is not None:
+            layouts(other.model)
+    objective = UnlearningObjective(cfg.method, reference, pack=train.packing, aux=aux)
     layout = Layout(train.batch_size, place.world, train.grad_accum)
     steps_per_epoch = max(1, len(streams["forget"]) // layout.global_batch)
     objective.resume(history, steps_per_epoch)
@@ -260,7 +277,10 @@ def run(spec: dict[str, Any]) -> JobOutput:
         step = int(record["step"])
         history.append(record)
         objective.after_step(record, epoch=step / steps_per_epoch)
-        reason = rules.after(record)
+        try:
+            reason = rules.after(record)
+        except StopRuleError as e:
+            raise JobError(str(e)) from e
         due = (bool(train.snapshot_every) and step % train.snapshot_every == 0) or step in train.snapshot_steps
         snapshot = due and not reason and step < train.max_steps  # the run's last step is its model/
         if snapshot or (train.checkpoint_every and step % train.checkpoint_every == 0):

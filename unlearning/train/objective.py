@@ -2,10 +2,11 @@
 
 A loss reads what its positional parameters name (`methods/__init__.READS`); the objective runs, per
 stream of the micro-batch (forget, idk, alt, retain), one forward of the model being trained when anything
-of that stream is read (the forget stream always: its answer NLL is the run's `forget_nll`), and one of
-the live reference model when a `ref_` read of that stream is declared. Each forward computes only what
-is read of it: the logits at the answer positions (packed where that pays), the logits of every position,
-and/or the output of the method's `layer` (a forward hook).
+of that stream is read (the forget stream always: its answer NLL is the run's `forget_nll`), one of the
+live reference model when a `ref_` read of that stream is declared, and one of the method's auxiliary model
+for an `aux_` read. Each forward computes only what is read of it: the logits at the answer positions
+(packed where that pays), the logits of every position, and/or the output of the method's `layer` (a
+forward hook); `const` reads are the stream's per-item constants, gathered with the batch.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from unlearning.methods import METHODS, RETAIN_LOSSES, Read, method_reads, reads, retain_active
+from unlearning.methods import METHODS, MODELS, RETAIN_LOSSES, Read, method_reads, reads, retain_active
 from unlearning.methods.answers import answer_tokens_of, inner_model, kept_logits
 from unlearning.methods.logprobs import IGNORE_INDEX, HiddenStates, PositionLogits, answer_layout, layout_tokens
 from unlearning.schema import MethodConfig
@@ -40,7 +41,9 @@ def needs(method: MethodConfig) -> dict[str, bool]:
         "idk": any(r.stream == "idk" for r in declared),
         "alt": any(r.stream == "alt" for r in declared),
         "retain": retain_active(method),
-        "ref_model": any(r.reference for r in declared),
+        "ref_model": any(r.model == "ref" for r in declared),
+        "aux_model": any(r.model == "aux" for r in declared),
+        "const": any(r.kind == "const" for r in declared),
     }
 
 
@@ -86,6 +89,8 @@ def forward(model: Any, batch: dict[str, Any], kinds: set[str], *, layer: str | 
         else:
             tokens = answer_tokens_of(model, batch, pack=pack)
     out["tokens"] = tokens
+    if "const" in kinds:
+        out["const"] = batch["const"]
     seq = tokens.sequences()
     out[""] = seq.with_ref(batch["ref_logp"]) if "ref_logp" in batch else seq
     if "hidden" in kinds:
@@ -105,6 +110,7 @@ class UnlearningObjective:
     Args:
         method: the resolved method config (name, gamma, alpha, retain_loss and its parameters).
         reference: the live reference model, for losses with `ref_` reads.
+        aux: the method's live auxiliary model, for losses with `aux_` reads (no switch: a frozen copy).
         pack: let micro-batches run packed where the model supports it and it saves work (see
             `methods/answers.py`); the losses are the same either way, up to float rounding.
     """
@@ -112,6 +118,7 @@ class UnlearningObjective:
     method: MethodConfig
     reference: Reference | None = None
     pack: bool = True
+    aux: Reference | None = None
     _reads: dict[str, Read] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -125,36 +132,38 @@ class UnlearningObjective:
         self._layer = self.method.params.get("layer")
         self._dual = entry.meta.get("dual")
         self.retain_weight = float(self.method.alpha or 0.0)
-        if any(r.reference for r in self._reads.values()) and self.reference is None:
-            raise ValueError(f"method {self.method.name!r} (retain {self.method.retain_loss!r}) reads the live "
-                             "reference model, and none was given")
-
-    def forwards(self) -> dict[tuple[str, bool], set[str]]:
-        """(stream, reference?) → the kinds read of that forward: the forwards each micro-step runs."""
-        plan: dict[tuple[str, bool], set[str]] = {("forget", False): {""}}
+        self._models = {"ref": self.reference, "aux": self.aux}
         for r in self._reads.values():
-            plan.setdefault((r.stream, r.reference), set()).add(r.kind)
+            if r.model and self._models[r.model] is None:
+                raise ValueError(f"method {self.method.name!r} (retain {self.method.retain_loss!r}) reads the live "
+                                 f"{MODELS[r.model]} model, and none was given")
+
+    def forwards(self) -> dict[tuple[str, str], set[str]]:
+        """(stream, model) → the kinds read of that forward: the forwards each micro-step runs."""
+        plan: dict[tuple[str, str], set[str]] = {("forget", ""): {""}}
+        for r in self._reads.values():
+            plan.setdefault((r.stream, r.model), set()).add(r.kind)
         return plan
 
     def __call__(self, engine: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         device = _device(engine)
         batch = {name: {k: v.to(device) for k, v in part.items()} for name, part in batch.items()}
-        outputs: dict[tuple[str, bool], dict[str, Any]] = {}
-        for (stream, ref), kinds in self.forwards().items():
-            if ref:
-                assert self.reference is not None
-                with torch.no_grad(), self.reference.switch():
-                    outputs[stream, ref] = forward(self.reference.model, batch[stream], kinds, layer=self._layer,
-                                                   pack=self.pack)
+        outputs: dict[tuple[str, str], dict[str, Any]] = {}
+        for (stream, model), kinds in self.forwards().items():
+            other = self._models.get(model)
+            if other is not None:
+                with torch.no_grad(), other.switch():
+                    outputs[stream, model] = forward(other.model, batch[stream], kinds, layer=self._layer,
+                                                     pack=self.pack)
             else:
-                outputs[stream, ref] = forward(engine, batch[stream], kinds, layer=self._layer, pack=self.pack)
+                outputs[stream, model] = forward(engine, batch[stream], kinds, layer=self._layer, pack=self.pack)
 
         def values(declared: dict[str, Read]) -> dict[str, Any]:
-            return {name: outputs[r.stream, r.reference][r.kind] for name, r in declared.items()}
+            return {name: outputs[r.stream, r.model][r.kind] for name, r in declared.items()}
 
         forget_loss = self._forget_fn(**values(self._forget_reads), **self.method.params)
         loss = float(self.method.gamma or 0.0) * forget_loss
-        forget_nll = -outputs["forget", False][""].token_mean().detach()
+        forget_nll = -outputs["forget", ""][""].token_mean().detach()
         metrics = {"forget_loss": forget_loss.detach(), "forget_nll": forget_nll}
         if self._retain_fn is not None:
             retain_loss = self._retain_fn(**values(self._retain_reads))

@@ -1,10 +1,11 @@
 """Stopping rules of an unlearning run, checked after every optimizer step on every rank.
 
 Gradient ascent and its relatives are unbounded, so a run needs a rule that ends it before it destroys the
-model or overshoots: a bound on the forget NLL, a floor on the answer probability of a fixed retain sample,
-or the point where the forget set has become indistinguishable from the holdout set (data the model never
-saw), which needs no oracle. Every check is computed across the ranks (`sharded_answer_logprobs`), so every
-rank takes the same decision; the checks so far are part of the checkpoint's client state, so a resumed run
+model or overshoots: a bound on the forget NLL, a bound on the method's own loss (absolute, or a fraction
+of its first value: KGA's rule, once the knowledge gaps are aligned), a floor on the answer probability of a
+fixed retain sample, or the point where the forget set has become indistinguishable from the holdout set
+(data the model never saw), which needs no oracle. Every check is computed across the ranks
+(`sharded_answer_logprobs`), so every rank takes the same decision; the checks so far are part of the checkpoint's client state, so a resumed run
 keeps its history.
 """
 
@@ -56,6 +57,7 @@ class StopRules:
         state = state or {}
         self.utility: list[dict[str, float]] = list(state.get("utility", []))
         self.holdout: list[dict[str, float]] = list(state.get("holdout", []))
+        self.first_loss: float | None = state.get("first_forget_loss")
         self.retain = fixed_sample(splits["retain"], stop.utility_sample, seed) \
             if self.checks_utility else []
         if stop.holdout_match is not None:
@@ -69,7 +71,7 @@ class StopRules:
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps of the checks."""
-        return {"utility": self.utility, "holdout": self.holdout}
+        return {"utility": self.utility, "holdout": self.holdout, "first_forget_loss": self.first_loss}
 
     def start(self) -> None:
         """The checks before the first step: a rule the starting model already meets is a configuration error."""
@@ -92,6 +94,16 @@ class StopRules:
         stop, step = self.stop, int(record["step"])
         if stop.forget_loss_bound is not None and record["forget_nll"] >= stop.forget_loss_bound:
             return "forget_loss_bound"
+        if self.first_loss is None:
+            self.first_loss = record["forget_loss"]
+        if stop.forget_loss_below is not None and record["forget_loss"] <= stop.forget_loss_below:
+            return "forget_loss_below"
+        if stop.forget_loss_fraction is not None:
+            if self.first_loss <= 0:
+                raise StopRuleError(f"train.stop.forget_loss_fraction needs a positive forget loss to take a fraction "
+                                    f"of, and the first step's is {self.first_loss:.4g}; use forget_loss_below")
+            if record["forget_loss"] <= stop.forget_loss_fraction * self.first_loss:
+                return "forget_loss_fraction"
         if self.checks_utility and step % stop.utility_every == 0:
             p = self._check_utility(step)
             start = self.utility[0]["retain_probability"]
