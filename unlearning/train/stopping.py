@@ -5,8 +5,8 @@ model or overshoots: a bound on the forget NLL, a bound on the method's own loss
 of its first value: KGA's rule, once the knowledge gaps are aligned), a floor on the answer probability of a
 fixed retain sample, or the point where the forget set has become indistinguishable from the holdout set
 (data the model never saw), which needs no oracle. Every check is computed across the ranks
-(`sharded_answer_logprobs`), so every rank takes the same decision; the checks so far are part of the checkpoint's client state, so a resumed run
-keeps its history.
+(`sharded_answer_logprobs`), so every rank takes the same decision; the checks so far are part of the
+checkpoint's client state, so a resumed run keeps its history.
 """
 
 from __future__ import annotations
