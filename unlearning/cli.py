@@ -108,7 +108,8 @@ def cmd_build_models(args: argparse.Namespace) -> None:
         table = _probability_table({role: s["probability"][role] for role in ("target", "oracle")})
         for role, info in s["builds"].items():
             how = "cached" if info["cached"] else f"built in {info['wall_s']:.0f} s ({info['steps']} steps)"
-            console.print(f"{role}: {s[role]}  ({how}, final loss {info['final_loss']:.3f})", markup=False)
+            path = s[role] if role in ("target", "oracle") else s["auxiliary"][role]  # auxiliary: a method's (KGA)
+            console.print(f"{role}: {path}  ({how}, final loss {info['final_loss']:.3f})", markup=False)
         console.print(table)
 
 

@@ -167,3 +167,36 @@ def test_in_context_methods_evaluate_on_the_target_without_a_launch(tmp_path):
     assert res.returncode == 0 and "icul, icul4_refusal, instruct: in-context, nothing to train" in res.stdout
     res = unlearn("attack", str(config), "attack.attacks=[prefix]", "attack.models=[icul]", cwd=tmp_path)
     assert res.returncode == 2 and "attack.models: ['icul'] are in-context methods" in res.stderr
+
+
+def test_kga_builds_its_auxiliary_models_then_unlearns_on_two_ranks(tmp_path):
+    """`unlearn unlearn` with KGA: a new-data split that is not there, or that the target trained on, is refused
+    before anything is built; then A_f (forget) and A_n (holdout) are fine-tuned by the target's recipe beside the
+    target, the paired gaps are computed once, and 2 ranks align the forget gap; `build-models` lists the
+    auxiliary models as cached, and a rerun reuses the run."""
+    config = tmp_path / "pico.yaml"
+    config.write_text(yaml.safe_dump(pico_raw(
+        tmp_path / "run", model={"finetune": MEMORISE}, method={"name": "kga"},
+        train={"lr": 5e-3, "max_steps": 4, "batch_size": 2, "num_processes": 2})))
+    for bad, message in (("method.new_data=retain", "must be disjoint from what the target was trained on"),
+                         ("method.new_data=nosuch", "fine-tunes a model on the 'nosuch' split, which the prepared "
+                                                    "data does not have")):
+        res = unlearn("unlearn", str(config), bad, cwd=tmp_path)
+        assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
+        assert not (tmp_path / "run/models").exists()
+    res = unlearn("unlearn", str(config), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "unlearned (kga): 4 steps on 2 rank(s), ZeRO-2, stopped by max_steps" in res.stdout
+    built = json.loads((tmp_path / "run/models/summary.json").read_text())
+    assert sorted(built["auxiliary"]) == ["aux-forget", "aux-holdout"]
+    assert {built["builds"][r]["splits"][0] for r in built["auxiliary"]} == {"forget", "holdout"}
+    (constants,) = (tmp_path / "run/constants").iterdir()
+    run = next((tmp_path / "run/unlearn").iterdir())
+    summary = json.loads((run / "run_summary.json").read_text())
+    assert summary["probability"]["unlearned"]["forget"] < summary["probability"]["target"]["forget"]
+    assert all(h["forget_loss"] >= 0 and h["retain_loss"] >= 0 for h in summary["losses"])
+    res = unlearn("build-models", str(config), cwd=tmp_path)
+    assert res.returncode == 0 and res.stdout.count("cached") == 4, res.stdout
+    again = unlearn("unlearn", str(config), cwd=tmp_path)
+    assert again.returncode == 0 and "(cached)" in again.stdout
+    assert list((tmp_path / "run/constants").iterdir()) == [constants]

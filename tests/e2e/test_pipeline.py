@@ -147,6 +147,33 @@ def test_in_context_methods_run_through_the_flow_without_training_and_are_never_
     assert {name for name, state in changed["stages"].items() if state != "Cached"} == {"eval-icul"}
 
 
+def test_kga_trains_through_the_flow_with_its_auxiliary_models_built_by_the_build_stage(tmp_path, harness):
+    """KGA in the flow: the build task fine-tunes A_f and A_n beside the target and the oracle (its key covers
+    them), the train task aligns the gaps on 2 ranks, the report has its row; the rerun is cached, and another
+    retain weight retrains KGA alone."""
+    from flows.pipeline import pipeline
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    raw = pico_raw(tmp_path / "run", model={"finetune": MEMORISE}, methods=[{"name": "kga"}],
+                   train={"num_processes": 2, "batch_size": 2, "max_steps": 3, "lr": 5e-3},
+                   eval={"suite": "quick", "models": ["target", "oracle", "unlearned"]}, tracking={"uri": uri})
+    report = pipeline(raw)
+    assert list(report["metrics"]) == ["target", "oracle", "kga"]
+    assert {"build-models", "train", "unlearn-kga", "eval-kga"} <= set(report["stages"])
+    built = json.loads((tmp_path / "run/models/summary.json").read_text())
+    assert sorted(built["auxiliary"]) == ["aux-forget", "aux-holdout"]
+    assert all(not built["builds"][role]["cached"] for role in built["auxiliary"])  # by the build task, not later
+    kga = json.loads((Path(report["models"]["0"]["kga"]).parent / "run_summary.json").read_text())
+    assert kga["steps"] == 3 and kga["world_size"] == 2
+    assert report["metrics"]["kga"]["forget_probability"] < report["metrics"]["target"]["forget_probability"]
+    again = pipeline(raw)
+    assert set(again["stages"].values()) == {"Cached"}
+    raw["methods"][0]["alpha"] = 1.0
+    changed = pipeline(raw)
+    assert {name for name, state in changed["stages"].items() if state != "Cached"} == {"train", "unlearn-kga",
+                                                                                       "eval-kga"}
+
+
 def test_a_failed_stage_fails_the_run_clearly_and_the_rerun_resumes(tmp_path, harness, monkeypatch):
     from mlflow.tracking import MlflowClient
 
