@@ -2,7 +2,9 @@
 
 Both come from the same recipe and seed: a tiny Llama-architecture model built from `model.tiny` (the
 embedded default) or any `from_pretrained` causal LM or GGUF file (`model.base`), fine-tuned on forget ∪ retain
-(target) or retain only (oracle); for the synthetic benchmark the world-fact utility set is in both.
+(target) or retain only (oracle); for the synthetic benchmark the world-fact utility set is in both. A method
+may need auxiliary models by the same recipe on other splits (KGA: the forget set, new data), trained for as
+many updates as the target so that a small split is learned as well as the target learned its own.
 Existing checkpoints (`model.target`, `model.oracle`) are used as they are. Built models are saved as
 safetensors HF directories named by a hash of everything that went into them, so a rerun with the same
 inputs skips the training and a changed config never overwrites an earlier model.
@@ -231,12 +233,16 @@ def finetune(cfg: ExperimentConfig, prepared: PreparedData, role: str, out: Path
         cfg.model.base, cfg.model.dtype, cfg.model.trust_remote_code)
     steps_per_epoch = max(1, len(rows) // ft.batch_size)
     total = steps_per_epoch * ft.epochs
+    if role.startswith("aux-"):  # as many updates as the target's: a small split learned as well as the target's
+        target_rows = sum(len(splits[s]) for s in training_splits(cfg, "target"))
+        total = max(total, max(1, target_rows // ft.batch_size) * ft.epochs)
     engine = TorchEngine(model, lr=ft.lr, weight_decay=ft.weight_decay, max_grad_norm=ft.max_grad_norm,
                          grad_accum=1, total_steps=total, warmup_ratio=ft.warmup_ratio)
     result = run_loop(engine, _batches(rows, ft.batch_size, tokenizer.pad_token_id, training_seed(cfg)), nll_objective,
                       max_steps=total, grad_accum=1, desc=f"build {role}")
     info = {"role": role, "splits": training_splits(cfg, role), "examples": len(rows), "steps": result.steps,
-            "epochs": ft.epochs, "final_loss": float(np.mean([h["loss"] for h in result.history[-steps_per_epoch:]])),
+            "epochs": round(total / steps_per_epoch, 2),
+            "final_loss": float(np.mean([h["loss"] for h in result.history[-steps_per_epoch:]])),
             "wall_s": round(result.wall_s, 2), "tokens_per_s": round(result.tokens_per_s, 1),
             "data_fingerprint": prepared.fingerprint}
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -277,7 +283,8 @@ def _cached_probabilities(cfg: ExperimentConfig, paths: dict[str, Path], prepare
 def role_key(cfg: ExperimentConfig, prepared: PreparedData, role: str) -> str:
     """Everything a built model depends on: the name of its directory."""
     return content_hash(BUILD_VERSION, prepared.fingerprint, cfg.model.base, cfg.model.tiny.model_dump(),
-                        cfg.model.finetune.model_dump(), cfg.model.dtype, cfg.seed, training_splits(cfg, role))
+                        cfg.model.finetune.model_dump(), cfg.model.dtype, cfg.seed, training_splits(cfg, role),
+                        *(["the target's updates"] if role.startswith("aux-") else []))
 
 
 def build_key(cfg: ExperimentConfig, prepared: PreparedData) -> str:

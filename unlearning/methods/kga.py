@@ -1,4 +1,4 @@
-"""KGA, knowledge gap alignment (Wang et al. 2023, ACL, eq. 2–4).
+"""KGA, knowledge gap alignment (Wang et al. 2023, ACL: the alignment loss, the retain KL and the stop rule).
 
 Two auxiliary models come from the base by the target's own recipe: A_f, fine-tuned on the forget set D_f, and
 A_n, fine-tuned on new data D_n that the target never saw. The knowledge gap of A_D (the target) and A_n on D_n
