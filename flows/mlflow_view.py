@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from unlearning.config import method_runs, trained_runs
-from unlearning.evaluate.report import COLUMNS
+from unlearning.evaluate.report import COLUMNS, MUSE_COLUMNS
 from unlearning.schema import ExperimentConfig
 
 
@@ -26,8 +26,8 @@ def run_title(cfg: ExperimentConfig) -> str:
 TABLE_VIEW = ("forget_quality", "model_utility")  # the runs-table view's columns: the trade-off plot's axes
 
 
-def headline_metrics(medians: Mapping[str, Mapping[str, float | None]], metrics: Sequence[str] = COLUMNS
-                     ) -> dict[str, float | None]:
+def headline_metrics(medians: Mapping[str, Mapping[str, float | None]],
+                     metrics: Sequence[str] = COLUMNS + MUSE_COLUMNS) -> dict[str, float | None]:
     """`<model>.<metric>` for the report table's metrics (medians over seeds): one column per model and metric
     on the top-level run, so two pipeline runs compare side by side. None where a model has no value."""
     return {f"{label}.{metric}": values.get(metric) for label, values in medians.items() for metric in metrics}

@@ -160,8 +160,9 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 
 HEADLINE = ("forget_quality", "model_utility", "forget_probability", "forget_rouge", "forget_truth_ratio",
-            "forget_paraphrased_probability", "retain_probability", "retain_rouge", "forget_knowmem", "retain_knowmem",
-            "mia_min_k_auc", "privleak", "forget_extraction_strength")
+            "forget_paraphrased_probability", "retain_probability", "retain_rouge", "forget_verbmem", "retain_verbmem",
+            "forget_knowmem", "retain_knowmem", "forget_qa_knowmem", "retain_qa_knowmem", "mia_min_k_auc", "privleak",
+            "forget_extraction_strength")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

@@ -127,6 +127,14 @@ def preflight(cfg: ExperimentConfig, prepared: PreparedData) -> list[str]:
         where = "" if label == "unlearned" else f"{label}: "
         problems += [where + p for p in launch_problems(run) + data_problems(run, prepared)]
     problems += checkpoint_problems(cfg, prepared)
-    if cfg.attack.attacks:
+    text = "forget" in prepared.info().get("documents", {})
+    if text and "unlearned" in roles and (context := [label for label, run in method_runs(cfg).items()
+                                                      if in_context(run.method)]):
+        problems.append(f"{', '.join(context)}: an in-context method puts forget items with other answers before each "
+                        "question, and the forget split is text, which has no questions or answers")
+    if text and cfg.attack.attacks:
+        problems.append("the attack stage asks the forget set's questions in other forms, and the forget split is "
+                        "text; set attack.attacks: [] (VerbMem and KnowMem measure a text benchmark)")
+    elif cfg.attack.attacks:
         problems += attack_preflight(cfg, prepared)
     return list(dict.fromkeys(problems))

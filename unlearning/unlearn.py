@@ -94,6 +94,10 @@ def data_problems(cfg: ExperimentConfig, prepared: PreparedData) -> list[str]:
                         f"{counts.get('holdout', 0)} holdout examples; add a holdout split (data.splits.holdout, or "
                         "data.holdout_fraction for the synthetic source) or unset the rule")
     problems += auxiliary_problems(cfg, counts)
+    if "forget" in prepared.info().get("documents", {}) and (need["idk"] or need["alt"]):
+        problems.append(f"method {cfg.method.name!r} pairs each forget question with another answer (a refusal or an "
+                        "alternative), and the forget split is text, which has no questions; use a method that reads "
+                        "the forget tokens alone (ga, graddiff, npo, simnpo, rmu, ...)")
     if cfg.train.lora.enabled or "layer" in cfg.method.params or METHODS.get(cfg.method.name).meta.get("trains"):
         model, source = _empty_model(cfg, prepared.tokenizer())
         problems += _lora_problems(cfg, model, source) + _method_problems(cfg, model, source)

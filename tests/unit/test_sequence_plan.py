@@ -46,7 +46,7 @@ def test_bad_requests_are_refused_with_the_fix(tmp_path):
 def test_a_suite_without_the_ledgers_metrics_is_refused_before_any_work(tmp_path):
     from unlearning.sequence import sequence
 
-    with pytest.raises(UserError, match=r"eval.suite=muse lacks probability, truth_ratio, model_utility; use a suite "
+    with pytest.raises(UserError, match=r"eval.suite=muse lacks truth_ratio; use a suite "
                                         r"that has them: tofu"):
         sequence(validate_config(pico_raw(tmp_path / "run", eval={"suite": "muse"})))
     assert not (tmp_path / "run").exists()

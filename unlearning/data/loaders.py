@@ -3,8 +3,9 @@
 Every source ends as `{split: [record, ...]}` in the TOFU schema: `question`, `answer` and, when the
 source has them, `paraphrased_question`, `paraphrased_answer`, `perturbed_answer` (list of strings) and
 `entity`, and for the attack stage's cloze questions `cloze` (a statement with the answer's key value
-blanked as ___), `cloze_answer` (that value) and `cloze_wrong` (wrong values). `data.columns` maps our
-column names to the source's.
+blanked as ___), `cloze_answer` (that value) and `cloze_wrong` (wrong values); or, for a split of documents
+(a text corpus, MUSE's forget and retain sets), `text` and optionally `entity`. `data.columns` maps our column
+names to the source's.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from unlearning.schema import (
     FILE_SUFFIXES,
     LIST_COLUMNS,
     QA_COLUMNS,
+    TEXT_COLUMN,
     DataConfig,
     ExperimentConfig,
     is_file_spec,
@@ -130,18 +132,22 @@ def _text(value: Any) -> str | None:
 
 def normalize(rows: list[dict[str, Any]], columns: dict[str, str], split: str) -> list[dict[str, Any]]:
     """Rename the source's columns to ours and check them: the required ones present and non-empty in every row,
-    every explicitly mapped one present in the split, text where text is expected."""
+    every explicitly mapped one present in the split, text where text is expected. A split with a `text` column
+    and no question column is a text split (documents, `data/text.py`): it needs `text` alone."""
     if not rows:
         return []
     available = sorted(rows[0])
+    text_split = columns.get(TEXT_COLUMN, TEXT_COLUMN) in rows[0] and columns.get("question", "question") not in rows[0]
+    required = (TEXT_COLUMN,) if text_split else REQUIRED_COLUMNS
     problems = []
-    for ours in REQUIRED_COLUMNS:
+    for ours in required:
         theirs = columns.get(ours, ours)
         if theirs not in rows[0]:
             problems.append(f"split {split!r} has no column {theirs!r} for {ours!r}; available: {available}; "
-                            f"map it with data.columns.{ours}=<column>")
+                            f"map it with data.columns.{ours}=<column> (or data.columns.text=<column> for a split "
+                            "of documents)")
     for ours, theirs in columns.items():
-        if ours not in REQUIRED_COLUMNS and theirs not in rows[0]:
+        if ours not in required and theirs not in rows[0] and not (text_split and ours in REQUIRED_COLUMNS):
             problems.append(f"data.columns maps {ours} to {theirs!r}, which split {split!r} lacks (available: "
                             f"{available}); map it only for the splits that have it: "
                             f"data.columns.<split>.{ours}={theirs}")
@@ -149,10 +155,10 @@ def normalize(rows: list[dict[str, Any]], columns: dict[str, str], split: str) -
     out = []
     for i, row in enumerate(rows):
         rec: dict[str, Any] = {}
-        for ours in (*QA_COLUMNS, "entity"):
+        for ours in ((TEXT_COLUMN, "entity") if text_split else (*QA_COLUMNS, "entity")):
             theirs = columns.get(ours, ours)
             value = row.get(theirs)
-            if ours in REQUIRED_COLUMNS and _blank(value):
+            if ours in required and _blank(value):
                 problems.append(f"split {split!r} row {i + 1}: the {ours} ({theirs!r}) is empty or missing; fill or "
                                 "remove the row")
             elif _blank(value):
@@ -205,8 +211,9 @@ def check_files(data: DataConfig) -> None:
 
 
 def _pair(r: dict[str, Any]) -> tuple[str, str]:
-    """A QA pair compared case- and whitespace-insensitively."""
-    return (" ".join(r["question"].lower().split()), " ".join(r["answer"].lower().split()))
+    """A QA pair (or a document: "" and its text) compared case- and whitespace-insensitively."""
+    answer = r["answer"] if "question" in r else r[TEXT_COLUMN]
+    return (" ".join(r.get("question", "").lower().split()), " ".join(answer.lower().split()))
 
 
 def warn_duplicates(splits: dict[str, list[dict[str, Any]]]) -> None:
@@ -221,8 +228,9 @@ def warn_duplicates(splits: dict[str, list[dict[str, Any]]]) -> None:
             seen.setdefault(k, i)
         if repeats:
             first, again = repeats[0]
-            warn(f"split {split!r}: {len(repeats)} QA pair(s) repeat an earlier row (first: row {again} repeats row "
-                 f"{first}); each copy counts in training and in the split's means; remove the copies if unintended")
+            warn(f"split {split!r}: {len(repeats)} QA pair(s) or documents repeat an earlier row (first: row {again} "
+                 f"repeats row {first}); each copy counts in training and in the split's means; remove the copies "
+                 "if unintended")
 
 
 def check_overlap(splits: dict[str, list[dict[str, Any]]]) -> None:
@@ -234,7 +242,8 @@ def check_overlap(splits: dict[str, list[dict[str, Any]]]) -> None:
     for other in ("retain", "holdout"):
         shared = [k for k in (key(r) for r in splits.get(other, [])) if k in forget]
         if shared:
-            problems.append(f"{len(shared)} QA pairs are in both forget and {other} (first: {shared[0][0]!r}); "
+            problems.append(f"{len(shared)} QA pairs or documents are in both forget and {other} (first: "
+                            f"{(shared[0][0] or shared[0][1])[:60]!r}); "
                             f"remove them from one of the two splits")
     raise_if(problems)
 

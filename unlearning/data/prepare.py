@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from unlearning.data.loaders import load_records
+from unlearning.data.text import chunk_documents, is_text
 from unlearning.data.tokenize import encode_prompts, encode_qa_many, load_tokenizer, train_tokenizer
 from unlearning.errors import raise_if, warn
 from unlearning.hashing import content_hash
@@ -59,9 +60,15 @@ def _texts(records: dict[str, list[dict[str, Any]]]) -> list[str]:
     texts = []
     for rows in records.values():
         for r in rows:
-            texts += [r["question"], r["answer"], r.get("paraphrased_question", ""), r.get("paraphrased_answer", "")]
+            texts += [r.get("text", ""), r.get("question", ""), r.get("answer", ""), r.get("paraphrased_question", ""),
+                      r.get("paraphrased_answer", "")]
             texts += r.get("perturbed_answer", [])
     return [t for t in texts if t]
+
+
+def _qa(records: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """The QA splits of the records (the text splits are chunked, not asked)."""
+    return {split: rows for split, rows in records.items() if not is_text(rows)}
 
 
 def _template_texts(cfg: ExperimentConfig) -> list[str]:
@@ -73,7 +80,7 @@ def _prompt_problems(records: dict[str, list[dict[str, Any]]], tokenizer: Any, c
     """Every prompt an answer is scored after (questions and paraphrased questions) must leave room for at least
     one answer token within data.max_length: a prompt cut to the limit would score an empty answer, p = exp(0)."""
     tpl, max_len = cfg.data.template, cfg.data.max_length
-    questions = list(dict.fromkeys(q for rows in records.values() for r in rows
+    questions = list(dict.fromkeys(q for rows in _qa(records).values() for r in rows
                                    for q in (r["question"], r.get("paraphrased_question")) if q))
     lengths = [len(ids) for ids in encode_prompts(tokenizer, tpl, questions)]
     too_long = [(q, n) for q, n in zip(questions, lengths, strict=True) if n >= max_len]
@@ -88,7 +95,7 @@ def _prompt_problems(records: dict[str, list[dict[str, Any]]], tokenizer: Any, c
 def _truncation_warning(records: dict[str, list[dict[str, Any]]], tokenizer: Any, cfg: ExperimentConfig) -> int:
     """Warn about QA pairs whose answer is cut at data.max_length (they lose their EOS); returns how many."""
     tpl, max_len = cfg.data.template, cfg.data.max_length
-    pairs = [(r["question"], a) for rows in records.values() for r in rows
+    pairs = [(r["question"], a) for rows in _qa(records).values() for r in rows
              for a in (r["answer"], r.get("paraphrased_answer"), *r.get("perturbed_answer", [])) if a]
     cut = [enc for enc in encode_qa_many(tokenizer, tpl, pairs, max_len) if enc["labels"][-1] != tokenizer.eos_token_id]
     if cut:
@@ -100,9 +107,11 @@ def _truncation_warning(records: dict[str, list[dict[str, Any]]], tokenizer: Any
 def _encode(records: dict[str, list[dict[str, Any]]], tokenizer: Any, cfg: ExperimentConfig) -> dict[str, list]:
     tpl, max_len = cfg.data.template, cfg.data.max_length
     raise_if(_prompt_problems(records, tokenizer, cfg))
-    return {split: [{**r, **enc} for r, enc in zip(
-        rows, encode_qa_many(tokenizer, tpl, [(r["question"], r["answer"]) for r in rows], max_len), strict=True)]
-        for split, rows in records.items()}
+    return {split: chunk_documents(tokenizer, [r["text"] for r in rows], max_len) if is_text(rows) else
+            [{**r, **enc} for r, enc in zip(
+                rows, encode_qa_many(tokenizer, tpl, [(r["question"], r["answer"]) for r in rows], max_len),
+                strict=True)]
+            for split, rows in records.items()}
 
 
 @dataclass(frozen=True)
@@ -158,7 +167,8 @@ def prepare(cfg: ExperimentConfig) -> PreparedData:
         "tokenizer": list(tok_id),
         "seed": cfg.data_seed,
         "counts": {split: len(rows) for split, rows in encoded.items()},
-        "entities": {split: len({r.get("entity") for r in rows} - {None}) for split, rows in encoded.items()},
+        "documents": {split: len(rows) for split, rows in records.items() if is_text(rows)},  # text: counts are chunks
+        "entities": {split: len({r.get("entity") for r in rows} - {None}) for split, rows in records.items()},
         "truncated_answers": truncated,
     })
     return PreparedData(out, fingerprint)

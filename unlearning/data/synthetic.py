@@ -155,6 +155,14 @@ def _qa(kind: FactKind, name: str, rng: random.Random, pools: dict[str, list[str
     }
 
 
+def passage(name: str, facts: list[dict], rng: random.Random) -> str:
+    """A short biography stating every fact of one person, each sentence in one of its kind's two wordings."""
+    kinds = {k.name: k for k in FACT_KINDS}
+    sentences = [rng.choice((kinds[f["kind"]].answer, kinds[f["kind"]].paraphrased_answer)).format(
+        name=name, v=f["cloze_answer"]) for f in facts]
+    return " ".join([f"{name} is an author.", *sentences])
+
+
 def split_counts(num: int, forget_fraction: float, holdout_fraction: float) -> tuple[int, int, int]:
     """People in (forget, holdout, retain); raises a `UserError` when a split would be empty."""
     n_forget, n_holdout = round(num * forget_fraction), round(num * holdout_fraction)
@@ -176,7 +184,9 @@ def split_counts(num: int, forget_fraction: float, holdout_fraction: float) -> t
 def generate(cfg: SyntheticData, forget_fraction: float, holdout_fraction: float, seed: int) -> dict[str, list[dict]]:
     """Generate the splits `forget`, `retain`, `holdout` (by person) and `world_facts`.
 
-    Deterministic for a seed; no person appears in two splits. Every record has `entity`, `kind`,
+    Deterministic for a seed; no person appears in two splits. With `cfg.format` text, forget / retain / holdout
+    hold one passage per person (`entity`, `text`: `passage`) and forget_qa / retain_qa / holdout_qa the QA
+    records. Every QA record has `entity`, `kind`,
     `question`, `answer`, `paraphrased_question`, `paraphrased_answer` and `perturbed_answer` (a list), and
     the cloze form of the fact: `cloze` (the statement with its value blanked), `cloze_answer`, `cloze_wrong`.
     """
@@ -197,6 +207,11 @@ def generate(cfg: SyntheticData, forget_fraction: float, holdout_fraction: float
         "retain": order[n_forget + n_holdout:],
     }
     splits = {s: [qa for i in sorted(idx) for qa in people[i]] for s, idx in by_split.items()}
+    if cfg.format == "text":  # the same people as prose; their QA pairs measure what the prose taught (KnowMem)
+        wording = random.Random(f"{seed}-passages")
+        for s, idx in by_split.items():
+            splits[f"{s}_qa"] = splits[s]
+            splits[s] = [{"entity": names[i], "text": passage(names[i], people[i], wording)} for i in sorted(idx)]
     countries = _unique_words(rng, max(1, -(-cfg.num_utility // len(_WORLD_KINDS))), (2, 3), taken)
     world = [_qa(k, c, rng, pools, cfg.num_perturbed, cfg.answer_style) for c in countries for k in _WORLD_KINDS]
     if cfg.num_utility:  # none asked: no empty split (a model's utility is then measured on other sets)

@@ -373,6 +373,21 @@ def memorization(x: EvalInputs) -> dict[str, Value]:
 @METRICS.register("knowmem")
 def knowmem(x: EvalInputs) -> dict[str, Value]:
     """MUSE KnowMem on QA data: <split>_knowmem, ROUGE-L F1 of the greedy answer, on forget (should drop)
-    and retain (should stay)."""
+    and retain (should stay), or on their QA splits where forget and retain are text (forget_qa, retain_qa)."""
     return {f"{s}_knowmem": _mean(rouge_l(p.generation, p.answers, kind="fmeasure"))
-            for s, p in x.probes.items() if s in ("forget", "retain") and p.generation}
+            for s, p in x.probes.items() if s in ("forget", "retain", "forget_qa", "retain_qa") and p.generation}
+
+
+def verbatim_memorization(continuations: Sequence[str], references: Sequence[str]) -> np.ndarray:
+    """(N,) ROUGE-L F1 of each continuation against its reference; NaN where the reference is empty (a chunk
+    no longer than the prefix has nothing to continue)."""
+    scores = rouge_l(continuations, references, kind="fmeasure")
+    return np.where([bool(r.strip()) for r in references], scores, np.nan)
+
+
+@METRICS.register("verbmem")
+def verbmem(x: EvalInputs) -> dict[str, Value]:
+    """MUSE VerbMem on text splits: <split>_verbmem, the mean ROUGE-L F1 of the greedy continuation of each
+    chunk's prefix against the chunk's own continuation; on forget it should drop to the oracle's."""
+    return {f"{s}_verbmem": _mean(verbatim_memorization(p.continuations, p.references or []))
+            for s, p in x.probes.items() if p.continuations is not None}

@@ -8,6 +8,9 @@ Two kinds of probe, each batched over length-sorted inputs and returning results
   model's own next-token distribution at that position (Min-K%++).
 - `generate`: greedy continuations of prompts (left-padded batches), decoded up to EOS.
 
+A split of text chunks (`data/text.py`) has no questions: its chunks are scored whole, and each chunk's prefix
+is continued greedily for VerbMem.
+
 `probe_split` builds every sequence an evaluation split needs (answer, paraphrased answer, perturbed
 answers, answer to the paraphrased question), scores each distinct sequence once, and bundles the
 results as a `SplitProbes` that every metric reads.
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from unlearning.data.encoders import QAEncoder
+from unlearning.data.text import is_text
 from unlearning.data.tokenize import collate
 from unlearning.methods.answers import answer_logprobs_of, kept_logits
 from unlearning.methods.logprobs import IGNORE_INDEX, answer_layout
@@ -170,6 +174,9 @@ class SplitProbes:
         para_generation: greedy answers to the paraphrased questions, or None.
         label_texts: the labelled tokens of each answer decoded without special tokens, as the template
             renders them (" Drulzeath."): the text ZLib compresses, as open-unlearning does.
+        continuations: on a split of text chunks (no questions), the greedy continuation of each chunk's first
+            `eval.verbmem_prefix` tokens (VerbMem), else None; references: what the chunk itself continues
+            with, as many tokens as are generated (up to a document's EOS), "" where the chunk is too short.
     """
 
     answer: Scores
@@ -180,6 +187,8 @@ class SplitProbes:
     para_question: Scores | None = None
     para_generation: list[str] | None = None
     label_texts: list[str] | None = None
+    continuations: list[str] | None = None
+    references: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.answers)
@@ -226,13 +235,25 @@ def split_requests(rows: Sequence[dict[str, Any]], encoder: QAEncoder
 
 
 def probe_split(model: Any, rows: Sequence[dict[str, Any]], encoder: QAEncoder, *, batch_size: int,
-                max_new_tokens: int, generations: bool = True, show_progress: bool | None = None) -> SplitProbes:
+                max_new_tokens: int, generations: bool = True, show_progress: bool | None = None,
+                verbmem_prefix: int = 32) -> SplitProbes:
     """Run every probe of one split, each sequence and prompt from `encoder`: one scoring pass over its distinct
-    sequences, then generation."""
+    sequences, then generation (on a split of text chunks: the continuations of VerbMem)."""
     tokenizer = encoder.tokenizer
     seqs, plan = split_requests(rows, encoder)
     scores = score(model, seqs, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, batch_size=batch_size,
                    show_progress=show_progress)
+    if is_text(rows):
+        continued = [list(r["input_ids"]) for r in rows]
+        references = [decode_until_eos(tokenizer, ids[verbmem_prefix:verbmem_prefix + max_new_tokens])
+                      for ids in continued]
+        return SplitProbes(
+            answer=scores.take(plan["answer"]), answers=[r["answer"] for r in rows], generation=[],
+            label_texts=label_texts(tokenizer, [seqs[i] for i in plan["answer"]]),
+            continuations=generate(model, [ids[:verbmem_prefix] for ids in continued], tokenizer,
+                                   max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   show_progress=show_progress) if generations else None,
+            references=references if generations else None)
 
     def gen(field: str) -> list[str]:
         prompts = encoder.prompts([(i, r[field], r["answer"]) for i, r in enumerate(rows)])

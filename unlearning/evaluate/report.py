@@ -73,12 +73,20 @@ def format_spread(s: Spread | None) -> str:
     return f"{format_value(s.median)} [{format_value(s.low)}, {format_value(s.high)}]"
 
 
+# MUSE's memorisation metrics, shown where the data has them: VerbMem on text splits, KnowMem on QA.
+MUSE_COLUMNS = ("forget_verbmem", "retain_verbmem", "forget_knowmem", "forget_qa_knowmem", "retain_knowmem",
+                "retain_qa_knowmem")
+
+
 def table_columns(summary: Mapping[str, Mapping[str, Spread]]) -> tuple[str, ...]:
-    """The report's columns: COLUMNS, then the accuracy on each set scored as a choice that some model has (TOFU's
-    real authors and world facts: what the model knew before unlearning, which it should keep)."""
+    """The report's columns: COLUMNS, MUSE's VerbMem and KnowMem where some model has them, then the accuracy on
+    each set scored as a choice that some model has (TOFU's real authors and world facts: what the model knew
+    before unlearning, which it should keep)."""
+    present = {k for m in summary.values() for k, v in m.items() if v.median is not None}
+    muse = tuple(k for k in MUSE_COLUMNS if k in present)
     extra = dict.fromkeys(k for m in summary.values() for k, v in m.items()
                           if k.endswith("_accuracy") and v.median is not None)
-    return COLUMNS + tuple(extra)
+    return COLUMNS + muse + tuple(extra)
 
 
 def results_table(summary: Mapping[str, Mapping[str, Spread]], columns: tuple[str, ...] = COLUMNS) -> str:

@@ -56,6 +56,10 @@ CONVENTIONS = {
            "of the decoded answer labels; Min-K% and Min-K%++: floor(k·n) ≥ 1 lowest of the answer tokens without "
            "EOS, k = 40 %, variance clamped at 1e-6 (open-unlearning)",
     "privleak": "((1 − A) − (1 − A_oracle)) / (1 − A_oracle) × 100, A the Min-K% AUC (MUSE, open-unlearning)",
+    "verbmem": "text splits: ROUGE-L F1 of the greedy continuation of each chunk's first eval.verbmem_prefix tokens "
+               "against the chunk's next max_new_tokens (up to a document's end) (MUSE VerbMem)",
+    "knowmem": "ROUGE-L F1 of the greedy answer against the answer, on forget / retain QA (MUSE KnowMem, zero-shot)",
+    "text": "a text split's chunks are scored on every token (probability, MIA, memorization)",
 }
 
 
@@ -126,7 +130,8 @@ def run_probes(model: Any, rows: dict[str, list[dict[str, Any]]], tokenizer: Any
         return QAEncoder(tokenizer, template or cfg.data.template, max_length or cfg.data.max_length)
 
     return {s: probe_split(model, r, encoder(s), batch_size=cfg.eval.batch_size,
-                           max_new_tokens=cfg.eval.max_new_tokens, generations=generated(s))
+                           max_new_tokens=cfg.eval.max_new_tokens, generations=generated(s),
+                           verbmem_prefix=cfg.eval.verbmem_prefix)
             for s, r in rows.items()}
 
 
@@ -173,9 +178,11 @@ def evaluate_checkpoint(subject: Subject, prepared: PreparedData, cfg: Experimen
         "metrics": {k: v.value for k, v in values.items()},
         "unavailable": {k: v.reason for k, v in values.items() if v.value is None},
         "per_example": {k: v.per_example for k, v in values.items() if v.per_example is not None},
-        "generations": {s: {"question": [r["question"] for r in rows[s]], "answer": p.answers,
-                            "generation": p.generation}
-                        for s, p in probes.items() if p.generation},
+        "generations": {**{s: {"question": [r["question"] for r in rows[s]], "answer": p.answers,
+                               "generation": p.generation}
+                           for s, p in probes.items() if p.generation},
+                        **{s: {"reference": p.references, "continuation": p.continuations}
+                           for s, p in probes.items() if p.continuations is not None}},
         "counts": {s: len(p) for s, p in probes.items()},
         "timing": {"probe_s": round(probe_s, 3), "metrics_s": round(time.perf_counter() - start, 3)},
         "conventions": CONVENTIONS,

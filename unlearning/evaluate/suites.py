@@ -1,7 +1,8 @@
 """Named metric suites: what `eval.suite` selects.
 
 A suite is a list of registered metric names (`unlearning/evaluate/metrics.py`), plus whether it needs
-greedy generations (the slow probe). `tofu` is the full report; `muse` the MUSE-style subset on QA data;
+greedy generations (the slow probe). `tofu` is the full report (with VerbMem where the data has text splits);
+ `muse` the MUSE-style metrics (VerbMem on text, KnowMem on QA, PrivLeak, utility);
 `quick` the loss-based metrics only, no generation, for sweeps and stopping checks.
 """
 
@@ -22,8 +23,9 @@ class Suite:
 
 SUITES = {s.name: s for s in (
     Suite("tofu", ("probability", "choice_accuracy", "rouge", "truth_ratio", "paraphrased", "forget_quality",
-                   "model_utility", "mia", "privleak", "memorization"), generations=True),
-    Suite("muse", ("knowmem", "mia", "privleak", "memorization"), generations=True),
+                   "model_utility", "mia", "privleak", "memorization", "verbmem"), generations=True),
+    Suite("muse", ("verbmem", "knowmem", "probability", "model_utility", "mia", "privleak", "memorization"),
+          generations=True),
     Suite("quick", ("probability", "choice_accuracy", "truth_ratio", "forget_quality", "mia", "privleak",
                     "memorization"), generations=False),
 )}

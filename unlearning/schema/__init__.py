@@ -14,6 +14,8 @@ from unlearning.schema.data import (
     GENERATED_SPLITS,
     LIST_COLUMNS,
     QA_COLUMNS,
+    TEXT_COLUMN,
+    TEXT_QA_SPLITS,
     DataConfig,
     SyntheticData,
     Template,
@@ -46,7 +48,8 @@ from unlearning.schema.training import (
 
 __all__ = [
     "ATTACKS", "BUILTIN_PREFIX", "EVAL_ROLES", "FILE_SUFFIXES", "GENERATED_SPLITS", "LIST_COLUMNS",
-    "QA_COLUMNS", "AttackConfig", "ContextAttack", "DataConfig", "EvalConfig", "ExperimentConfig", "Finetune",
+    "QA_COLUMNS", "TEXT_COLUMN", "TEXT_QA_SPLITS", "AttackConfig", "ContextAttack", "DataConfig", "EvalConfig",
+    "ExperimentConfig", "Finetune",
     "ForgetFinetune", "Fraction", "LoraConfig", "MergeConfig", "MethodConfig", "ModelConfig", "PipelineConfig",
     "PositiveFloat", "QuantScheme", "QuantizeAttack", "RelearnAttack", "SequenceConfig", "Stage", "StopConfig",
     "Strict", "SyntheticData", "Template", "TinyModel", "TokenizerConfig", "TrackingConfig", "TrainConfig",

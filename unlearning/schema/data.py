@@ -12,6 +12,7 @@ from unlearning.schema.base import Fraction, Strict
 
 QA_COLUMNS = ("question", "answer", "paraphrased_question", "paraphrased_answer", "perturbed_answer", "cloze",
               "cloze_answer", "cloze_wrong")
+TEXT_COLUMN = "text"  # a split of documents (MUSE-style corpora) instead of QA pairs: chunked, scored on every token
 LIST_COLUMNS = ("perturbed_answer", "cloze_wrong")  # lists of strings; the others are text
 FILE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -25,6 +26,10 @@ class SyntheticData(Strict):
     num_utility: int = Field(30, ge=0, description="general (world) facts kept in every training set")
     answer_style: Literal["short", "sentence"] = Field(
         "short", description="short: the value ('Drulzeath.'); sentence: 'X was born in Drulzeath.'")
+    format: Literal["qa", "text"] = Field(
+        "qa", description="qa: forget / retain / holdout are QA pairs (TOFU); text: they are prose passages, one "
+        "per person (a MUSE-style corpus, chunked), and forget_qa / retain_qa / holdout_qa hold the same people's "
+        "QA pairs for KnowMem")
 
 
 class Template(Strict):
@@ -72,6 +77,7 @@ class TokenizerConfig(Strict):
 
 BUILTIN_PREFIX = "builtin:"
 GENERATED_SPLITS = ("forget", "retain", "holdout", "world_facts")  # what source=synthetic generates
+TEXT_QA_SPLITS = ("forget_qa", "retain_qa", "holdout_qa")  # and, with synthetic.format=text, these
 
 
 def is_file_spec(spec: str) -> bool:
@@ -136,7 +142,7 @@ class DataConfig(Strict):
             missing = [s for s in ("forget", "retain") if s not in self.splits]
             if missing:
                 problems.append(f"source={self.source} needs data.splits.{{forget,retain}}; missing: {missing}")
-        generated = sorted(set(self.splits) & set(GENERATED_SPLITS))
+        generated = sorted(set(self.splits) & {*GENERATED_SPLITS, *TEXT_QA_SPLITS})
         if self.source == "synthetic" and generated:
             problems.append(f"data.splits.{generated[0]}: source=synthetic generates {', '.join(GENERATED_SPLITS)} "
                             "itself; name other splits here (extra evaluation sets), or use source=files to bring "
@@ -145,7 +151,7 @@ class DataConfig(Strict):
             if self.source != "hf" and not is_file_spec(spec):
                 problems.append(f"splits.{split}: {spec!r} is not one of {sorted(FILE_SUFFIXES)} nor a builtin: set; "
                                 "convert it or rename")
-        ours = {*QA_COLUMNS, "entity"}
+        ours = {*QA_COLUMNS, TEXT_COLUMN, "entity"}
         for key, value in self.columns.items():
             if isinstance(value, dict):
                 if key not in self.splits and key not in GENERATED_SPLITS:
@@ -153,9 +159,9 @@ class DataConfig(Strict):
                                     f"nor a column to map ({', '.join(sorted(ours))})")
                 unknown = sorted(set(value) - ours)
                 if unknown:
-                    problems.append(f"columns.{key}: unknown {unknown}; map any of {[*QA_COLUMNS, 'entity']}")
+                    problems.append(f"columns.{key}: unknown {unknown}; map any of {sorted(ours)}")
             elif key not in ours:
-                problems.append(f"columns: unknown {[key]}; map any of {[*QA_COLUMNS, 'entity']}, or give a split "
+                problems.append(f"columns: unknown {[key]}; map any of {sorted(ours)}, or give a split "
                                 "its own mapping as columns.<split>.<column>")
         if self.source == "synthetic" and self.columns and not self.splits:
             problems.append("data.columns maps the columns of data.splits files, and source=synthetic names none; "

@@ -25,7 +25,10 @@ class EvalConfig(Strict):
     utility_splits: list[str] = Field(default_factory=lambda: ["real_authors", "world_facts"],
                                       description="splits that enter model utility beside retain, when present")
     batch_size: int = Field(32, ge=1)
-    max_new_tokens: int = Field(32, ge=1)
+    max_new_tokens: int = Field(32, ge=1, description="greedy tokens per answer, and per VerbMem continuation")
+    verbmem_prefix: int = Field(32, ge=1, description="VerbMem on a text split: the first this many tokens of each "
+                                "chunk are the prompt, and the model's greedy continuation is compared with the "
+                                "next max_new_tokens (MUSE: 32 and 128)")
     max_items: dict[str, int] = Field(default_factory=dict, description="split -> at most this many items "
                                       "evaluated: a fixed sample, the same for every model (TOFU evaluates 300 "
                                       "items of its retain set), e.g. {retain: 150}")
