@@ -18,6 +18,7 @@ from unlearning.data import synthetic
 from unlearning.errors import UserError, raise_if, warn
 from unlearning.schema import (
     BUILTIN_PREFIX,
+    CHOICE_COLUMNS,
     FILE_SUFFIXES,
     LIST_COLUMNS,
     QA_COLUMNS,
@@ -133,11 +134,15 @@ def _text(value: Any) -> str | None:
 def normalize(rows: list[dict[str, Any]], columns: dict[str, str], split: str) -> list[dict[str, Any]]:
     """Rename the source's columns to ours and check them: the required ones present and non-empty in every row,
     every explicitly mapped one present in the split, text where text is expected. A split with a `text` column
-    and no question column is a text split (documents, `data/text.py`): it needs `text` alone."""
+    and no question column is a text split (documents, `data/text.py`): it needs `text` alone; one with a `choices`
+column is a multiple-choice split (`_choice_records`)."""
     if not rows:
         return []
     available = sorted(rows[0])
     text_split = columns.get(TEXT_COLUMN, TEXT_COLUMN) in rows[0] and columns.get("question", "question") not in rows[0]
+    choice_split = columns.get("choices", "choices") in rows[0]
+    if choice_split:
+        return _choice_records(rows, columns, split)
     required = (TEXT_COLUMN,) if text_split else REQUIRED_COLUMNS
     problems = []
     for ours in required:
@@ -175,6 +180,34 @@ def normalize(rows: list[dict[str, Any]], columns: dict[str, str], split: str) -
             problems.append("(further rows not checked)")
             break
     raise_if(problems)
+    return out
+
+
+def _choice_records(rows: list[dict[str, Any]], columns: dict[str, str], split: str) -> list[dict[str, Any]]:
+    """A multiple-choice split (`choices` and `answer_index` columns, WMDP's and MMLU's `choices` / `answer`): each
+    record its question, options and right option, with `answer` / `perturbed_answer` the right option and the
+    others (what the QA probes score)."""
+    names = {ours: columns.get(ours, ours) for ours in ("question", *CHOICE_COLUMNS, "entity")}
+    missing = [f"{theirs!r} for {ours}" for ours, theirs in names.items() if ours != "entity" and theirs not in rows[0]]
+    raise_if([f"split {split!r} has a choices column but no {', '.join(missing)}; available: {sorted(rows[0])}; "
+              "map them with data.columns.<split>.<column>"] if missing else [])
+    out, problems = [], []
+    for i, row in enumerate(rows):
+        question, options, index = (row.get(names[k]) for k in ("question", *CHOICE_COLUMNS))
+        options = _as_list(options) if not _blank(options) else []
+        number = int(index) if isinstance(index, int | float) or (isinstance(index, str) and index.isdigit()) \
+            else None
+        if _blank(question) or len(options) < 2 or number is None or not 0 <= number < len(options):
+            problems.append(f"split {split!r} row {i + 1}: a multiple-choice row needs a question, at least two "
+                            f"choices and the right one's index among them (got {len(options)} choices, index "
+                            f"{index!r})")
+            continue
+        rec = {"question": str(question), "choices": options, "answer_index": number, "answer": options[number],
+               "perturbed_answer": [o for j, o in enumerate(options) if j != number]}
+        if not _blank(row.get(names["entity"])):
+            rec["entity"] = str(row[names["entity"]])
+        out.append(rec)
+    raise_if(problems[:10])
     return out
 
 

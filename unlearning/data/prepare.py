@@ -23,7 +23,7 @@ from unlearning.hashing import content_hash
 from unlearning.outputs import publish
 from unlearning.schema import ExperimentConfig
 
-FORMAT_VERSION = 1  # bump when the encoding changes, so old caches are not trusted
+FORMAT_VERSION = 2  # bump when the encoding or fingerprint.json changes (2: text and choice splits named)
 
 
 @dataclass(frozen=True)
@@ -168,6 +168,7 @@ def prepare(cfg: ExperimentConfig) -> PreparedData:
         "seed": cfg.data_seed,
         "counts": {split: len(rows) for split, rows in encoded.items()},
         "documents": {split: len(rows) for split, rows in records.items() if is_text(rows)},  # text: counts are chunks
+        "choice_splits": sorted(split for split, rows in records.items() if rows and rows[0].get("choices")),
         "entities": {split: len({r.get("entity") for r in rows} - {None}) for split, rows in records.items()},
         "truncated_answers": truncated,
     })

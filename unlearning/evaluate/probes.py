@@ -177,6 +177,8 @@ class SplitProbes:
         continuations: on a split of text chunks (no questions), the greedy continuation of each chunk's first
             `eval.verbmem_prefix` tokens (VerbMem), else None; references: what the chunk itself continues
             with, as many tokens as are generated (up to a document's EOS), "" where the chunk is too short.
+        choices, answer_index: on a multiple-choice split, each item's options in their order and the right one's
+            index (`answer` scores the right option, `perturbed` the others in order), else None.
     """
 
     answer: Scores
@@ -189,6 +191,8 @@ class SplitProbes:
     label_texts: list[str] | None = None
     continuations: list[str] | None = None
     references: list[str] | None = None
+    choices: list[list[str]] | None = None
+    answer_index: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.answers)
@@ -261,6 +265,8 @@ def probe_split(model: Any, rows: Sequence[dict[str, Any]], encoder: QAEncoder, 
                         show_progress=show_progress)
 
     para_q = plan["para_question"] is not None
+    if rows and rows[0].get("choices"):  # multiple choice: the options' likelihoods are the probe, no generation
+        generations = False
     return SplitProbes(
         answer=scores.take(plan["answer"]),
         answers=[r["answer"] for r in rows],
@@ -270,6 +276,8 @@ def probe_split(model: Any, rows: Sequence[dict[str, Any]], encoder: QAEncoder, 
         para_question=scores.take(plan["para_question"]) if para_q else None,
         para_generation=gen("paraphrased_question") if generations and para_q else None,
         label_texts=label_texts(tokenizer, [seqs[i] for i in plan["answer"]]),
+        choices=[list(r["choices"]) for r in rows] if rows and rows[0].get("choices") else None,
+        answer_index=[int(r["answer_index"]) for r in rows] if rows and rows[0].get("choices") else None,
     )
 
 

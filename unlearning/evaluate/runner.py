@@ -29,6 +29,7 @@ from unlearning.checkpoints import gguf_file
 from unlearning.data.encoders import QAEncoder
 from unlearning.data.prepare import PreparedData
 from unlearning.errors import warn
+from unlearning.evaluate.harness import harness_problems
 from unlearning.evaluate.metrics import METRICS, EvalInputs, Value
 from unlearning.evaluate.probes import SplitProbes, probe_split
 from unlearning.evaluate.subject import Subject
@@ -168,6 +169,8 @@ def evaluate_checkpoint(subject: Subject, prepared: PreparedData, cfg: Experimen
     values = compute_metrics(probes, suite.metrics, oracle=oracle.result if oracle else None, is_oracle=is_oracle,
                              utility_splits=tuple(cfg.eval.utility_splits))
     context = subject.describe()
+    harness = _harness(model, tokenizer, cfg, data, in_context=bool(context))
+    values.update({k: Value(v) for k, v in harness.get("metrics", {}).items()})
     if context:
         _warn_shortened(label, window, cfg, [e.summary() or {} for e in encoders.values()])
     return {
@@ -184,9 +187,27 @@ def evaluate_checkpoint(subject: Subject, prepared: PreparedData, cfg: Experimen
                         **{s: {"reference": p.references, "continuation": p.continuations}
                            for s, p in probes.items() if p.continuations is not None}},
         "counts": {s: len(p) for s, p in probes.items()},
+        **({"lm_eval": harness} if harness else {}),
         "timing": {"probe_s": round(probe_s, 3), "metrics_s": round(time.perf_counter() - start, 3)},
         "conventions": CONVENTIONS,
     }
+
+
+def _harness(model: Any, tokenizer: Any, cfg: ExperimentConfig, data: Any, *, in_context: bool) -> dict[str, Any]:
+    """eval.lm_eval's tasks on the loaded model (`evaluate/harness.py`), or nothing when none are named. An
+    in-context subject is its prompts, which the harness's tasks would not put before their questions."""
+    if not cfg.eval.lm_eval.tasks:
+        return {}
+    if in_context:
+        return {"skipped": "an in-context method: the harness's tasks would ask without its context"}
+    import tempfile
+
+    from unlearning.evaluate.harness import SPLIT_PREFIX, run_harness
+
+    splits = {t.removeprefix(SPLIT_PREFIX): list(data[t.removeprefix(SPLIT_PREFIX)])
+              for t in cfg.eval.lm_eval.tasks if t.startswith(SPLIT_PREFIX)}
+    with tempfile.TemporaryDirectory(prefix="lm-eval-") as work:
+        return run_harness(model, tokenizer, cfg, splits, Path(work))
 
 
 def _warn_shortened(label: str, window: int, cfg: ExperimentConfig, summaries: list[dict[str, Any]]) -> None:
@@ -245,7 +266,9 @@ def checkpoint_problems(cfg: ExperimentConfig, prepared: PreparedData) -> list[s
         if sep and not (Path(path) / "config.json").is_file() and gguf_file(path) is None:
             problems.append(f"eval.models: {label}={path}: no checkpoint there (no config.json, no .gguf file); give "
                             "the directory of a saved model (e.g. a run's model/ folder) or a GGUF file")
-    counts = prepared.info()["counts"]
+    info = prepared.info()
+    counts = info["counts"]
+    problems += harness_problems(cfg, counts, set(info.get("choice_splits", [])))
     for key, named in (("eval.splits", cfg.eval.splits or []), ("eval.max_items", list(cfg.eval.max_items))):
         missing = [s for s in named if s not in counts]
         if missing:

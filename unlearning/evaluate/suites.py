@@ -3,7 +3,8 @@
 A suite is a list of registered metric names (`unlearning/evaluate/metrics.py`), plus whether it needs
 greedy generations (the slow probe). `tofu` is the full report (with VerbMem where the data has text splits);
  `muse` the MUSE-style metrics (VerbMem on text, KnowMem on QA, PrivLeak, utility);
-`quick` the loss-based metrics only, no generation, for sweeps and stopping checks.
+`wmdp` multiple-choice accuracy (lm-evaluation-harness's acc and acc_norm) with VerbMem and PrivLeak on the text
+corpora; `quick` the loss-based metrics only, no generation, for sweeps and stopping checks.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ class Suite:
 
 SUITES = {s.name: s for s in (
     Suite("tofu", ("probability", "choice_accuracy", "rouge", "truth_ratio", "paraphrased", "forget_quality",
-                   "model_utility", "mia", "privleak", "memorization", "verbmem"), generations=True),
+                   "model_utility", "mia", "privleak", "memorization", "verbmem", "multiple_choice"), generations=True),
     Suite("muse", ("verbmem", "knowmem", "probability", "model_utility", "mia", "privleak", "memorization"),
           generations=True),
+    Suite("wmdp", ("multiple_choice", "verbmem", "probability", "mia", "privleak"), generations=True),
     Suite("quick", ("probability", "choice_accuracy", "truth_ratio", "forget_quality", "mia", "privleak",
-                    "memorization"), generations=False),
+                    "memorization", "multiple_choice"), generations=False),
 )}
 
 

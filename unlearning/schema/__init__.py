@@ -10,6 +10,7 @@ from __future__ import annotations
 from unlearning.schema.base import Fraction, PositiveFloat, Strict, no_repeats
 from unlearning.schema.data import (
     BUILTIN_PREFIX,
+    CHOICE_COLUMNS,
     FILE_SUFFIXES,
     GENERATED_SPLITS,
     LIST_COLUMNS,
@@ -28,6 +29,7 @@ from unlearning.schema.evaluation import (
     AttackConfig,
     ContextAttack,
     EvalConfig,
+    LmEvalConfig,
     QuantizeAttack,
     QuantScheme,
     RelearnAttack,
@@ -47,10 +49,11 @@ from unlearning.schema.training import (
 )
 
 __all__ = [
-    "ATTACKS", "BUILTIN_PREFIX", "EVAL_ROLES", "FILE_SUFFIXES", "GENERATED_SPLITS", "LIST_COLUMNS",
+    "ATTACKS", "BUILTIN_PREFIX", "CHOICE_COLUMNS", "EVAL_ROLES", "FILE_SUFFIXES", "GENERATED_SPLITS", "LIST_COLUMNS",
     "QA_COLUMNS", "TEXT_COLUMN", "TEXT_QA_SPLITS", "AttackConfig", "ContextAttack", "DataConfig", "EvalConfig",
     "ExperimentConfig", "Finetune",
-    "ForgetFinetune", "Fraction", "LoraConfig", "MergeConfig", "MethodConfig", "ModelConfig", "PipelineConfig",
+    "ForgetFinetune", "Fraction", "LmEvalConfig", "LoraConfig", "MergeConfig", "MethodConfig", "ModelConfig",
+    "PipelineConfig",
     "PositiveFloat", "QuantScheme", "QuantizeAttack", "RelearnAttack", "SequenceConfig", "Stage", "StopConfig",
     "Strict", "SyntheticData", "Template", "TinyModel", "TokenizerConfig", "TrackingConfig", "TrainConfig",
     "is_file_spec", "no_repeats",

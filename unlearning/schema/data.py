@@ -26,10 +26,12 @@ class SyntheticData(Strict):
     num_utility: int = Field(30, ge=0, description="general (world) facts kept in every training set")
     answer_style: Literal["short", "sentence"] = Field(
         "short", description="short: the value ('Drulzeath.'); sentence: 'X was born in Drulzeath.'")
-    format: Literal["qa", "text"] = Field(
+    format: Literal["qa", "text", "choice"] = Field(
         "qa", description="qa: forget / retain / holdout are QA pairs (TOFU); text: they are prose passages, one "
         "per person (a MUSE-style corpus, chunked), and forget_qa / retain_qa / holdout_qa hold the same people's "
-        "QA pairs for KnowMem")
+        "QA pairs for KnowMem; choice (WMDP-style): forget / holdout are passages about invented lab agents (a "
+        "'hazardous' domain), retain the retained people's passages, and forget_choice / holdout_choice / "
+        "retain_choice ask their facts as 4-option multiple choice")
 
 
 class Template(Strict):
@@ -77,7 +79,8 @@ class TokenizerConfig(Strict):
 
 BUILTIN_PREFIX = "builtin:"
 GENERATED_SPLITS = ("forget", "retain", "holdout", "world_facts")  # what source=synthetic generates
-TEXT_QA_SPLITS = ("forget_qa", "retain_qa", "holdout_qa")  # and, with synthetic.format=text, these
+TEXT_QA_SPLITS = ("forget_qa", "retain_qa", "holdout_qa", "forget_choice", "retain_choice", "holdout_choice")
+CHOICE_COLUMNS = ("choices", "answer_index")  # a multiple-choice split: the options and the right one's index
 
 
 def is_file_spec(spec: str) -> bool:
@@ -151,7 +154,7 @@ class DataConfig(Strict):
             if self.source != "hf" and not is_file_spec(spec):
                 problems.append(f"splits.{split}: {spec!r} is not one of {sorted(FILE_SUFFIXES)} nor a builtin: set; "
                                 "convert it or rename")
-        ours = {*QA_COLUMNS, TEXT_COLUMN, "entity"}
+        ours = {*QA_COLUMNS, TEXT_COLUMN, *CHOICE_COLUMNS, "entity"}
         for key, value in self.columns.items():
             if isinstance(value, dict):
                 if key not in self.splits and key not in GENERATED_SPLITS:

@@ -14,8 +14,21 @@ from unlearning.schema.base import PositiveFloat, Strict, no_repeats
 EVAL_ROLES = ("target", "oracle", "unlearned", "merged")
 
 
+class LmEvalConfig(Strict):
+    """lm-evaluation-harness run on every evaluated checkpoint (`unlearning/evaluate/harness.py`)."""
+
+    tasks: list[str] = Field(default_factory=list, description="the harness's tasks (wmdp_bio, mmlu, ...: from the "
+                             "hub) or split:<name> for a prepared multiple-choice split (a local task); empty: none")
+    include_path: str | None = Field(None, description="a folder of further task YAML files")
+    num_fewshot: int | None = Field(None, ge=0, description="default: each task's own")
+    limit: int | None = Field(None, ge=1, description="at most this many documents per task (a smoke run)")
+    batch_size: int = Field(16, ge=1)
+    max_length: int | None = Field(None, ge=8, description="the context the harness truncates to; default: the "
+                                   "model's")
+
+
 class EvalConfig(Strict):
-    suite: str = Field("tofu", description="tofu | muse | quick (unlearning/evaluate/suites.py)")
+    suite: str = Field("tofu", description="tofu | muse | wmdp | quick (unlearning/evaluate/suites.py)")
     models: list[str] = Field(
         default_factory=lambda: list(EVAL_ROLES),
         description="what `unlearn eval` and `unlearn run` evaluate: roles (target, oracle; unlearned = one "
@@ -40,6 +53,7 @@ class EvalConfig(Strict):
     references: list[str] = Field(default_factory=list, description="labels of eval.models shown for comparison "
                                   "but never picked as the report's best, as target and oracle are (e.g. the "
                                   "untouched base model: base=PATH)")
+    lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
 
     @pydantic.field_validator("max_items")
     @classmethod
