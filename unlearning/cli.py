@@ -182,7 +182,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for label in summary:
         table.add_column(label, justify="right")
     present = {k for m in summary.values() for k in m}
-    for metric in (k for k in HEADLINE if k in present):
+    choice = sorted(k for k in present if k.endswith(("_acc", "_acc_norm")))  # multiple choice, ours then lm-eval's
+    for metric in [*(k for k in HEADLINE if k in present), *choice]:
         table.add_row(metric, *(format_spread(m.get(metric)) for m in summary.values()))
     console = _wide_console(34 + (12 if len(results) == 1 else 28) * len(summary))  # never cut a metric or model
     console.print(table)
