@@ -204,8 +204,8 @@ def _harness(model: Any, tokenizer: Any, cfg: ExperimentConfig, data: Any, *, in
 
     from unlearning.evaluate.harness import SPLIT_PREFIX, run_harness
 
-    splits = {t.removeprefix(SPLIT_PREFIX): list(data[t.removeprefix(SPLIT_PREFIX)])
-              for t in cfg.eval.lm_eval.tasks if t.startswith(SPLIT_PREFIX)}
+    splits = {t.removeprefix(SPLIT_PREFIX): evaluated_rows(data, t.removeprefix(SPLIT_PREFIX), cfg)
+              for t in cfg.eval.lm_eval.tasks if t.startswith(SPLIT_PREFIX)}  # the items our metric scores
     with tempfile.TemporaryDirectory(prefix="lm-eval-") as work:
         return run_harness(model, tokenizer, cfg, splits, Path(work))
 
