@@ -122,6 +122,10 @@ def sequence(cfg: ExperimentConfig, on_request: Callable[[dict[str, Any]], None]
         raise UserError("unlearn sequence runs one seed; remove `seeds` (or run it once per seed with seed=N)")
     raise_if(launch_problems(run))
     prepared = prepare(run)
+    if "forget" in prepared.info().get("documents", {}):
+        raise UserError("unlearn sequence forgets the forget set's people request by request and records forget "
+                        "quality after each, and the forget split is text (chunks of a corpus, without people or truth "
+                        "ratios); run the text benchmark with `unlearn run`")
     forget = prepared.splits()["forget"]
     requests = plan_requests(run, list(forget["entity"]) if "entity" in forget.column_names else [None] * len(forget))
     request_data = [derive(prepared, f"request{r.index}", {"forget": r.rows}) for r in requests]
