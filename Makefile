@@ -20,7 +20,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export UNLEARNING_CACHE ?= $(CURDIR)/.cache/unlearning
 
-.PHONY: env models demo demo-real test test-all bench bench-real clean
+.PHONY: env models demo demo-text demo-choice demo-real test test-all bench bench-real clean
 
 env: $(STAMP)
 
@@ -41,6 +41,12 @@ $(SMOLLM2): infra/models.txt | $(STAMP)
 
 demo: env
 	$(BIN)/unlearn run configs/demo.yaml
+
+demo-text: env
+	$(BIN)/unlearn run configs/demo-text.yaml
+
+demo-choice: env
+	$(BIN)/unlearn run configs/demo-choice.yaml
 
 demo-real: env models
 	$(BIN)/unlearn run configs/smollm2.yaml
