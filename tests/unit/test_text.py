@@ -96,3 +96,4 @@ def test_the_generator_writes_each_persons_facts_as_a_passage_and_keeps_their_qa
         assert all(r["cloze_answer"] in doc["text"] for r in facts)
     qa = synthetic.generate(SyntheticData(num_entities=10, facts_per_entity=4), 0.2, 0.2, seed=3)
     assert qa["forget"] == splits["forget_qa"]  # the QA data of a seed is the same in either format
+
