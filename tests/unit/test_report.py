@@ -37,8 +37,21 @@ def test_the_table_adds_the_accuracy_on_each_set_scored_as_a_choice():
     models = {"target": {**MODELS["target"], "real_authors_accuracy": 0.41, "retain_probability": 0.9},
               "npo": {**MODELS["npo"], "real_authors_accuracy": 0.38, "world_facts_accuracy": None}}
     columns = table_columns(summarise({0: models}))
-    assert columns == (*COLUMNS, "real_authors_accuracy")  # world facts: unavailable everywhere, no column
+    # world facts: unavailable everywhere, no column; nor ROUGE or PrivLeak, which no model has here
+    assert columns == ("forget_quality", "model_utility", "forget_probability", "real_authors_accuracy")
     assert results_table(summarise({0: models}), columns).splitlines()[-1].endswith("| 0.380 |")
+    full = {label: {c: 0.5 for c in COLUMNS} for label in ("target", "npo")}
+    assert table_columns(summarise({0: full})) == COLUMNS
+
+
+def test_a_text_benchmark_shows_verbmem_and_knowmem_instead_of_the_qa_columns():
+    """No truth ratios, no answers asked: forget quality and ROUGE are n/a for every model and left out; the
+    multiple-choice accuracies follow, lm-eval's own not repeated."""
+    text = {label: {"forget_quality": None, "forget_rouge": None, "model_utility": 0.3, "forget_probability": 0.9,
+                    "privleak": -10.0, "forget_verbmem": 0.9, "retain_verbmem": 0.95, "forget_qa_knowmem": 0.1,
+                    "forget_choice_acc": 0.6, "lm_eval_forget_choice_acc": 0.6} for label in ("target", "npo")}
+    assert table_columns(summarise({0: text})) == ("model_utility", "forget_probability", "privleak", "forget_verbmem",
+                                                   "retain_verbmem", "forget_qa_knowmem", "forget_choice_acc")
 
 
 def test_over_seeds_the_table_gives_the_median_and_range_and_the_pick_uses_medians():

@@ -79,14 +79,18 @@ MUSE_COLUMNS = ("forget_verbmem", "retain_verbmem", "forget_knowmem", "forget_qa
 
 
 def table_columns(summary: Mapping[str, Mapping[str, Spread]]) -> tuple[str, ...]:
-    """The report's columns: COLUMNS, MUSE's VerbMem and KnowMem where some model has them, then the accuracy on
+    """The report's columns: COLUMNS that some model has (forget quality whenever the forget split has truth
+    ratios, n/a for the oracle), MUSE's VerbMem and KnowMem where some model has them, then the accuracy on
     each set scored as a choice that some model has (TOFU's real authors and world facts: what the model knew
     before unlearning, which it should keep; a multiple-choice split's acc, WMDP's measure)."""
     present = {k for m in summary.values() for k, v in m.items() if v.median is not None}
     muse = tuple(k for k in MUSE_COLUMNS if k in present)
     extra = dict.fromkeys(k for m in summary.values() for k, v in m.items() if k.endswith(("_accuracy", "_acc"))
                           and not k.startswith("lm_eval_") and v.median is not None)
-    return COLUMNS + muse + tuple(extra)
+    # A text benchmark has no truth ratios or answers to ask: its forget quality and ROUGE columns would be n/a.
+    headline = tuple(c for c in COLUMNS if c in present or c in ("forget_quality", "model_utility")
+                     and "forget_truth_ratio" in present)
+    return headline + muse + tuple(extra)
 
 
 def results_table(summary: Mapping[str, Mapping[str, Spread]], columns: tuple[str, ...] = COLUMNS) -> str:
