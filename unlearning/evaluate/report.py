@@ -88,8 +88,8 @@ def table_columns(summary: Mapping[str, Mapping[str, Spread]]) -> tuple[str, ...
     extra = dict.fromkeys(k for m in summary.values() for k, v in m.items() if k.endswith(("_accuracy", "_acc"))
                           and not k.startswith("lm_eval_") and v.median is not None)
     # A text benchmark has no truth ratios or answers to ask: its forget quality and ROUGE columns would be n/a.
-    headline = tuple(c for c in COLUMNS if c in present or c in ("forget_quality", "model_utility")
-                     and "forget_truth_ratio" in present)
+    headline = tuple(c for c in COLUMNS if c in present or (c in ("forget_quality", "model_utility")
+                     and "forget_truth_ratio" in present))
     return headline + muse + tuple(extra)
 
 
