@@ -27,9 +27,14 @@ TABLE_VIEW = ("forget_quality", "model_utility")  # the runs-table view's column
 
 
 def headline_metrics(medians: Mapping[str, Mapping[str, float | None]],
-                     metrics: Sequence[str] = COLUMNS + MUSE_COLUMNS) -> dict[str, float | None]:
+                     metrics: Sequence[str] | None = None) -> dict[str, float | None]:
     """`<model>.<metric>` for the report table's metrics (medians over seeds): one column per model and metric
-    on the top-level run, so two pipeline runs compare side by side. None where a model has no value."""
+    on the top-level run, so two pipeline runs compare side by side. None where a model has no value. By default
+    COLUMNS, MUSE's VerbMem / KnowMem and every multiple-choice split's acc."""
+    if metrics is None:
+        choice = sorted({k for values in medians.values() for k in values
+                         if k.endswith("_acc") and not k.startswith("lm_eval_")})
+        metrics = (*COLUMNS, *MUSE_COLUMNS, *choice)
     return {f"{label}.{metric}": values.get(metric) for label, values in medians.items() for metric in metrics}
 
 
