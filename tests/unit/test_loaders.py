@@ -95,7 +95,7 @@ def test_forget_retain_overlap_and_empty_forget_are_rejected(tmp_path):
     base = {"source": "files", "columns": MAPPING}
     cfg = validate_config({"name": "f", "data": {**base, "splits": {
         "forget": str(tmp_path / "f.jsonl"), "retain": str(tmp_path / "r.jsonl")}}})
-    with pytest.raises(UserError, match="1 QA pairs or documents are in both forget and retain"):
+    with pytest.raises(UserError, match="1 QA pairs are in both forget and retain"):
         load_records(cfg)
     write(pd.DataFrame(ROWS["forget"][:0], columns=["q", "a", "wrong"]), tmp_path / "e.parquet")
     cfg = validate_config({"name": "f", "data": {**base, "splits": {

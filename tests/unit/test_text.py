@@ -97,3 +97,15 @@ def test_the_generator_writes_each_persons_facts_as_a_passage_and_keeps_their_qa
     qa = synthetic.generate(SyntheticData(num_entities=10, facts_per_entity=4), 0.2, 0.2, seed=3)
     assert qa["forget"] == splits["forget_qa"]  # the QA data of a seed is the same in either format
 
+
+
+def test_a_document_in_both_forget_and_retain_is_refused_and_a_repeated_one_warned_about(tmp_path, capsys):
+    (tmp_path / "f.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in [*DOCS, DOCS[0]]))
+    (tmp_path / "r.jsonl").write_text(json.dumps({"text": DOCS[1].upper()}) + "\n")
+    raw = {"name": "t", "data": {"source": "files", "splits": {"forget": str(tmp_path / "f.jsonl"),
+                                                               "retain": str(tmp_path / "r.jsonl")}}}
+    with pytest.raises(UserError, match="1 documents are in both forget and retain"):
+        load_records(validate_config(raw))
+    (tmp_path / "r.jsonl").write_text(json.dumps({"text": "Another text."}) + "\n")
+    load_records(validate_config(raw))
+    assert "split 'forget': 1 document(s) repeat an earlier row (first: row 4 repeats row 1)" in capsys.readouterr().err

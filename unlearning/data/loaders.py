@@ -261,7 +261,8 @@ def warn_duplicates(splits: dict[str, list[dict[str, Any]]]) -> None:
             seen.setdefault(k, i)
         if repeats:
             first, again = repeats[0]
-            warn(f"split {split!r}: {len(repeats)} QA pair(s) or documents repeat an earlier row (first: row {again} "
+            what = "QA pair(s)" if rows and "question" in rows[0] else "document(s)"
+            warn(f"split {split!r}: {len(repeats)} {what} repeat an earlier row (first: row {again} "
                  f"repeats row {first}); each copy counts in training and in the split's means; remove the copies "
                  "if unintended")
 
@@ -275,7 +276,8 @@ def check_overlap(splits: dict[str, list[dict[str, Any]]]) -> None:
     for other in ("retain", "holdout"):
         shared = [k for k in (key(r) for r in splits.get(other, [])) if k in forget]
         if shared:
-            problems.append(f"{len(shared)} QA pairs or documents are in both forget and {other} (first: "
+            what = "QA pairs" if shared[0][0] else "documents"
+            problems.append(f"{len(shared)} {what} are in both forget and {other} (first: "
                             f"{(shared[0][0] or shared[0][1])[:60]!r}); "
                             f"remove them from one of the two splits")
     raise_if(problems)
