@@ -109,3 +109,21 @@ def test_a_document_in_both_forget_and_retain_is_refused_and_a_repeated_one_warn
     (tmp_path / "r.jsonl").write_text(json.dumps({"text": "Another text."}) + "\n")
     load_records(validate_config(raw))
     assert "split 'forget': 1 document(s) repeat an earlier row (first: row 4 repeats row 1)" in capsys.readouterr().err
+
+
+def test_what_needs_questions_is_refused_on_a_text_forget_split_before_any_model_is_built(pico):
+    """IdkDPO and AltPO pair forget questions with other answers, ICUL puts forget items with other answers before
+    each question, the attack stage asks the forget questions in other forms: with a text forget split each is a
+    problem found by preflight, with the reason; GradDiff and RMU are fine."""
+    from unlearning.stages import preflight
+    from unlearning.stages import prepare as prepare_stage
+
+    text = {"synthetic": {"num_entities": 12, "facts_per_entity": 4, "num_utility": 6, "format": "text"}}
+    cfg = pico(data=text, methods=[{"name": "idkdpo"}, {"name": "altpo"}, {"name": "icul", "n": 2},
+                                   {"name": "graddiff"}, {"name": "rmu", "layer": "model.layers.1"}],
+               attack={"attacks": ["prefix"]})
+    problems = preflight(cfg, prepare_stage(cfg))
+    assert sum("the forget split is text, which has no questions; use a method" in p for p in problems) == 2
+    assert any(p.startswith("icul: an in-context method") for p in problems)
+    assert any("the attack stage asks the forget set's questions" in p for p in problems)
+    assert not any(p.startswith(("graddiff", "rmu")) for p in problems)
