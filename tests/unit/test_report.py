@@ -11,6 +11,7 @@ from unlearning.evaluate.report import (
     format_spread,
     medians,
     noise_floor,
+    plot_axes,
     results_table,
     summarise,
     table_columns,
@@ -96,6 +97,20 @@ def test_plot_is_written(tmp_path):
     path = tradeoff_plot(summarise({0: MODELS, 1: MODELS}), tmp_path / "plots" / "tradeoff.png",
                          floor={"0-1": 0.4, "0-2": 0.9})
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_the_plot_takes_the_benchmarks_own_axes_where_there_is_no_forget_quality():
+    """TOFU: forget quality against utility. A multiple-choice benchmark: the forgotten domain's accuracy against
+    the kept one's; a text benchmark: VerbMem on forget against retain. The oracle alone having a value does not
+    choose the axes."""
+    assert plot_axes(summarise({0: MODELS}))[:2] == ("model_utility", "forget_quality")
+    text = {"target": {"forget_quality": None, "forget_verbmem": 1.0, "retain_verbmem": 0.99},
+            "npo": {"forget_quality": None, "forget_verbmem": 0.2, "retain_verbmem": 0.98}}
+    assert plot_axes(summarise({0: text}))[:2] == ("retain_verbmem", "forget_verbmem")
+    choice = {label: {**m, "forget_choice_acc": 0.5, "retain_choice_acc": 0.6} for label, m in text.items()}
+    assert plot_axes(summarise({0: choice}))[:3] == ("retain_choice_acc", "forget_choice_acc", False)
+    only_oracle = {"oracle": {"forget_verbmem": 0.1, "retain_verbmem": 0.9}, "npo": {"forget_quality": None}}
+    assert plot_axes(summarise({0: only_oracle}))[1] == "forget_quality"
 
 
 def test_references_are_shown_but_never_picked():

@@ -150,11 +150,33 @@ def report_markdown(title: str, seeds: Sequence[int], table: str, best: str | No
     return "\n".join(lines)
 
 
+# The plot's axes by benchmark: (x, y, log-scale y, x label, y label), the first whose y some unlearned model has.
+PLOT_AXES = (
+    ("model_utility", "forget_quality", True, "model utility (higher is better)",
+     "forget quality, KS p-value vs oracle (log)"),
+    ("retain_choice_acc", "forget_choice_acc", False, "kept domain's accuracy (higher is better)",
+     "forgotten domain's accuracy (goal: chance)"),
+    ("retain_verbmem", "forget_verbmem", False, "VerbMem on the retain corpus (higher is better)",
+     "VerbMem on the forget corpus (goal: the oracle's)"),
+)
+
+
+def plot_axes(summary: Mapping[str, Mapping[str, Spread]]) -> tuple[str, str, bool, str, str]:
+    """The axes of the trade-off plot: TOFU's forget quality against utility, else (a text or multiple-choice
+    benchmark, no truth ratios) the forget split's accuracy or VerbMem against the retained one's."""
+    def has(key: str) -> bool:
+        return any(m.get(key) is not None and m[key].median is not None
+                   for label, m in summary.items() if label != "oracle")
+
+    return next((a for a in PLOT_AXES if has(a[0]) and has(a[1])), PLOT_AXES[0])
+
+
 def tradeoff_plot(summary: Mapping[str, Mapping[str, Spread]], path: Path, title: str = "",
                   floor: Mapping[str, float] | None = None) -> Path:
     """Forget quality (log scale) against model utility, target and oracle marked; saved as PNG. With several
     seeds each point is the median and the bars span min to max, and the oracles' noise floor (`noise_floor`)
-    is a band.
+    is a band. A benchmark without truth ratios plots its forget split's accuracy or VerbMem against the
+    retained one's instead (`plot_axes`).
 
     The oracle has no forget quality against itself; it is drawn at 1, the value of a model that is
     indistinguishable from it.
@@ -164,11 +186,12 @@ def tradeoff_plot(summary: Mapping[str, Mapping[str, Spread]], path: Path, title
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    x_key, y_key, log, x_label, y_label = plot_axes(summary)
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    tiny = 1e-300  # where a p-value of 0 is drawn on the log axis
+    tiny = 1e-300 if log else float("-inf")  # where a p-value of 0 is drawn on the log axis
     for label, m in summary.items():
-        fq, mu = m.get("forget_quality"), m.get("model_utility")
-        if label == "oracle" and (fq is None or fq.median is None):
+        fq, mu = m.get(y_key), m.get(x_key)
+        if label == "oracle" and y_key == "forget_quality" and (fq is None or fq.median is None):
             fq = Spread.of([1.0])
         if fq is None or mu is None or fq.median is None or mu.median is None:
             continue
@@ -181,18 +204,19 @@ def tradeoff_plot(summary: Mapping[str, Mapping[str, Spread]], path: Path, title
                         alpha=0.5, capsize=3, zorder=2)
         ax.scatter(mu.median, y, marker=style[0], color=style[1], s=style[2], zorder=3)
         ax.annotate(label, (mu.median, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    ax.set_yscale("log")
-    if floor:
-        band = Spread.of(list(floor.values()))
-        if band.low is not None and band.high is not None:
-            ax.axhspan(max(band.low, tiny), max(band.high, tiny), color="tab:green", alpha=0.12, zorder=1,
-                       label="oracle vs oracle (noise floor)")
-            ax.legend(loc="lower left", fontsize=7)
-    ax.axhline(0.05, color="grey", linestyle="--", linewidth=0.8)
-    ax.text(ax.get_xlim()[0], 0.05, " p = 0.05", va="bottom", fontsize=7, color="grey")
-    ax.set_xlabel("model utility (higher is better)")
-    ax.set_ylabel("forget quality, KS p-value vs oracle (log)")
-    seeds = max((len(m["model_utility"].values) for m in summary.values() if "model_utility" in m), default=1)
+    if y_key == "forget_quality":
+        ax.set_yscale("log")
+        if floor:
+            band = Spread.of(list(floor.values()))
+            if band.low is not None and band.high is not None:
+                ax.axhspan(max(band.low, tiny), max(band.high, tiny), color="tab:green", alpha=0.12, zorder=1,
+                           label="oracle vs oracle (noise floor)")
+                ax.legend(loc="lower left", fontsize=7)
+        ax.axhline(0.05, color="grey", linestyle="--", linewidth=0.8)
+        ax.text(ax.get_xlim()[0], 0.05, " p = 0.05", va="bottom", fontsize=7, color="grey")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    seeds = max((len(m[x_key].values) for m in summary.values() if x_key in m), default=1)
     ax.set_title((title or "Forgetting vs utility") + (f" (median, min–max over {seeds} seeds)" if seeds > 1 else ""))
     ax.grid(True, which="major", alpha=0.3)
     fig.tight_layout()
