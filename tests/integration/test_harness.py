@@ -8,7 +8,7 @@ import pytest
 from tests.conftest import MEMORISE, pico_raw
 from unlearning.config import validate_config
 from unlearning.data.encoders import QAEncoder
-from unlearning.evaluate.metrics import option_loglikelihoods
+from unlearning.evaluate.knowledge import option_loglikelihoods
 from unlearning.evaluate.probes import probe_split
 from unlearning.evaluate.runner import evaluate_model
 from unlearning.models import build_models, load_causal_lm

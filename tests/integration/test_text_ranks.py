@@ -4,18 +4,16 @@ chunks) and GradDiff give the same steps on 1 rank × 4 and 2 ranks × 2, and lo
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 
 import numpy as np
 import pytest
 
-from tests.conftest import MEMORISE, REPO, pico_raw
+from tests.conftest import MEMORISE, pico_raw
+from tests.integration.unlearn_ranks import launch_specs
 from unlearning.config import validate_config
 from unlearning.evaluate.probes import answer_logprobs
 from unlearning.models import build_models, load_causal_lm
 from unlearning.stages import prepare
-from unlearning.train.launch import free_port, launch_argv
 from unlearning.unlearn import job_spec
 
 pytestmark = pytest.mark.distributed
@@ -41,13 +39,7 @@ def test_text_batches_train_the_same_on_one_rank_and_two_and_forget_the_corpus(t
             run_dir, spec = job_spec(config(method, ranks, batch), target, prepared)
             runs[method, ranks] = run_dir
             specs.append(spec)
-        path = tmp_path / f"specs{ranks}.json"
-        path.write_text(json.dumps(specs))
-        argv = launch_argv(launcher="torchrun", num_processes=ranks, num_nodes=1, args=[str(path)],
-                           module="tests.integration.unlearn_ranks", master_port=free_port())
-        res = subprocess.run(argv, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                             text=True, timeout=900)
-        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+        launch_specs(specs, ranks, tmp_path / f"specs{ranks}.json")
 
     def losses(method: str, ranks: int) -> list[float]:
         return [h["loss"] for h in json.loads((runs[method, ranks] / "run_summary.json").read_text())["losses"]]

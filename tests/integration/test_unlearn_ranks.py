@@ -6,8 +6,6 @@ reference log-probs). The jobs of each launch share one start of the ranks (test
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import MEMORISE, REPO, pico_raw
+from tests.conftest import MEMORISE, pico_raw
+from tests.integration.unlearn_ranks import launch_specs
 from unlearning.config import validate_config
 from unlearning.data.pairing import refusal_rows
 from unlearning.evaluate.probes import answer_logprobs
 from unlearning.models import auxiliary_roles, build_models, load_causal_lm
 from unlearning.stages import prepare
-from unlearning.train.launch import free_port, launch_argv
 from unlearning.train.objective import needs
 from unlearning.unlearn import job_spec, write_alternatives, write_constants
 
@@ -72,13 +70,7 @@ class Jobs:
                 write_constants(cfg, self.target, self.prepared, self.auxiliary, Path(spec["constants"]))
             self.runs[name] = run_dir
             specs.append(spec)
-        path = self.out / f"specs-{nproc}-{len(self.runs)}.json"
-        path.write_text(json.dumps(specs))
-        argv = launch_argv(launcher="torchrun", num_processes=nproc, num_nodes=1, args=[str(path)],
-                           module="tests.integration.unlearn_ranks", master_port=free_port())
-        res = subprocess.run(argv, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                             text=True, timeout=900)
-        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+        launch_specs(specs, nproc, self.out / f"specs-{nproc}-{len(self.runs)}.json")
 
     def summary(self, name: str) -> dict[str, Any]:
         return json.loads((self.runs[name] / "run_summary.json").read_text())

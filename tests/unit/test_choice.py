@@ -16,6 +16,7 @@ from unlearning.data import synthetic
 from unlearning.data.loaders import load_records
 from unlearning.errors import UserError
 from unlearning.evaluate import harness
+from unlearning.evaluate import knowledge as k
 from unlearning.evaluate import metrics as m
 from unlearning.evaluate.probes import SplitProbes
 from unlearning.schema import SyntheticData, Template
@@ -28,7 +29,7 @@ def test_acc_is_the_argmax_loglikelihood_and_acc_norm_divides_by_the_options_len
     Item 3: (−3, −0.1, −5), gold 1: both 1."""
     lls = [np.array([-2.0, -1.0]), np.array([-1.0, -1.0]), np.array([-3.0, -0.1, -5.0])]
     options = [["aaaa", "b"], ["x", "y"], ["p", "q", "r"]]
-    acc, norm = m.choice_accuracies(lls, options, [0, 1, 1])
+    acc, norm = k.choice_accuracies(lls, options, [0, 1, 1])
     assert acc.tolist() == [0.0, 0.0, 1.0] and norm.tolist() == [1.0, 0.0, 1.0]
 
 
@@ -40,9 +41,9 @@ def test_the_options_loglikelihoods_come_back_in_their_order_without_the_eos():
                          perturbed=[token_scores([[-0.25, -9.0]]), token_scores([[-3.0, -9.0]]),
                                     token_scores([[-4.0, -9.0]])],
                          choices=[["a", "b", "c", "d"]], answer_index=[2])
-    (lls,) = m.option_loglikelihoods(probes)
+    (lls,) = k.option_loglikelihoods(probes)
     assert lls.tolist() == [-0.25, -3.0, -1.0, -4.0]
-    out = m.multiple_choice_metric(m.EvalInputs({"forget_choice": probes}))
+    out = k.multiple_choice_metric(m.EvalInputs({"forget_choice": probes}))
     assert out["forget_choice_acc"].value == 0.0 and out["forget_choice_acc_norm"].value == 0.0
 
 

@@ -14,6 +14,7 @@ from unlearning.data.loaders import load_records
 from unlearning.data.text import chunk_documents, is_text, token_stream
 from unlearning.data.tokenize import train_tokenizer
 from unlearning.errors import UserError
+from unlearning.evaluate import knowledge as k
 from unlearning.evaluate import metrics as m
 from unlearning.evaluate.probes import SplitProbes
 from unlearning.methods.logprobs import IGNORE_INDEX
@@ -58,11 +59,11 @@ def test_verbmem_is_the_rouge_l_f1_of_each_continuation_skipping_chunks_with_not
     """'the cat sat' against 'the cat sat on the mat': LCS 3, precision 3/3, recall 3/6, F1 2/3; an exact
     continuation scores 1; a reference that is empty (the chunk ended within the prefix) is left out: mean 5/6."""
     continuations, references = ["the cat sat", "a b c", "x"], ["the cat sat on the mat", "a b c", " "]
-    values = m.verbatim_memorization(continuations, references)
+    values = k.verbatim_memorization(continuations, references)
     assert values[:2] == pytest.approx([2 / 3, 1.0]) and np.isnan(values[2])
     probes = {"forget": SplitProbes(answer=None, answers=["", "", ""], generation=[],  # type: ignore[arg-type]
                                     continuations=continuations, references=references)}
-    out = m.verbmem(m.EvalInputs(probes))
+    out = k.verbmem(m.EvalInputs(probes))
     assert out["forget_verbmem"].value == pytest.approx(5 / 6)
     assert out["forget_verbmem"].per_example[2] is None
 

@@ -67,9 +67,9 @@ CONVENTIONS = {
 @functools.cache
 def definitions_hash() -> str:
     """A hash of the code that defines every probe and metric: a changed definition invalidates cached evaluations."""
-    from unlearning.evaluate import metrics, probes, suites
+    from unlearning.evaluate import knowledge, metrics, probes, suites
 
-    return content_hash(*(inspect.getsource(m) for m in (metrics, probes, suites)))
+    return content_hash(*(inspect.getsource(m) for m in (metrics, knowledge, probes, suites)))
 
 
 @dataclass(frozen=True)
