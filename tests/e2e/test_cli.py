@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import MEMORISE, REPO, pico_raw
@@ -169,6 +170,7 @@ def test_in_context_methods_evaluate_on_the_target_without_a_launch(tmp_path):
     assert res.returncode == 2 and "attack.models: ['icul'] are in-context methods" in res.stderr
 
 
+@pytest.mark.slow  # about 70 s; the same stage runs in the default suite through the flow (test_pipeline.py)
 def test_kga_builds_its_auxiliary_models_then_unlearns_on_two_ranks(tmp_path):
     """`unlearn unlearn` with KGA: a new-data split that is not there, or that the target trained on, is refused
     before anything is built; then A_f (forget) and A_n (holdout) are fine-tuned by the target's recipe beside the

@@ -1,4 +1,4 @@
-"""Stopping rules on a step's record: the loss bounds (KGA's rule, usable by any method)."""
+"""Stopping rules on a step's record (the loss bounds: KGA's rule, usable by any method) and KGA's checks."""
 
 from __future__ import annotations
 
@@ -28,3 +28,21 @@ def test_the_loss_bound_rules_stop_at_a_value_or_a_fraction_of_the_first_steps_l
     assert resumed.after(step(5, 0.55)) is None and resumed.after(step(6, 0.45)) == "forget_loss_fraction"
     with pytest.raises(StopRuleError, match="first step's is -1"):
         rules(forget_loss_fraction=0.5).after(step(1, -1.0))
+
+
+def test_kgas_new_data_must_be_a_split_the_target_never_trained_on(pico):
+    """Found from the config and the prepared counts, before any model is built: a split the target trained on,
+    a missing or empty split, and a given target with no base to fine-tune A_f and A_n from."""
+    from unlearning.unlearn import auxiliary_problems
+
+    counts = {"forget": 12, "retain": 24, "holdout": 12, "world_facts": 6, "empty": 0}
+    assert auxiliary_problems(pico(method={"name": "kga"}), counts) == []
+    assert auxiliary_problems(pico(method={"name": "npo"}), counts) == []
+    (trained,) = auxiliary_problems(pico(method={"name": "kga", "new_data": "retain"}), counts)
+    assert "must be disjoint from what the target was trained on" in trained
+    (missing,) = auxiliary_problems(pico(method={"name": "kga", "new_data": "nosuch"}), counts)
+    assert "the 'nosuch' split, which the prepared data does not have; splits: forget, retain, holdout" in missing
+    (empty,) = auxiliary_problems(pico(method={"name": "kga", "new_data": "empty"}), counts)
+    assert "has no rows of" in empty
+    (base,) = auxiliary_problems(pico(method={"name": "kga"}, model={"target": "some/checkpoint"}), counts)
+    assert "set model.base to the target's base model" in base
