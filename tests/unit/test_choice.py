@@ -45,6 +45,11 @@ def test_the_options_loglikelihoods_come_back_in_their_order_without_the_eos():
     assert lls.tolist() == [-0.25, -3.0, -1.0, -4.0]
     out = k.multiple_choice_metric(m.EvalInputs({"forget_choice": probes}))
     assert out["forget_choice_acc"].value == 0.0 and out["forget_choice_acc_norm"].value == 0.0
+    # Under any name a multiple-choice split is scored once, by the harness's rules: not also as a TOFU choice set
+    # (whose accuracy counts a tie as wrong and takes no option order).
+    named = m.EvalInputs({"general": probes})
+    assert set(k.multiple_choice_metric(named)) == {"general_acc", "general_acc_norm"}
+    assert m.accuracy(named) == {} and not m.scored_as_choice(probes, "general")
 
 
 def test_a_multiple_choice_split_loads_from_wmdp_like_columns(tmp_path):

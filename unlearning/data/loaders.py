@@ -183,6 +183,11 @@ column is a multiple-choice split (`_choice_records`)."""
     return out
 
 
+def is_choice(rows: Any) -> bool:
+    """Whether a split's records (or prepared rows) are multiple-choice questions (`_choice_records`)."""
+    return bool(rows) and bool(rows[0].get("choices"))
+
+
 def _choice_records(rows: list[dict[str, Any]], columns: dict[str, str], split: str) -> list[dict[str, Any]]:
     """A multiple-choice split (`choices` and `answer_index` columns, WMDP's and MMLU's `choices` / `answer`): each
     record its question, options and right option, with `answer` / `perturbed_answer` the right option and the

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unlearning.data.loaders import load_records
+from unlearning.data.loaders import is_choice, load_records
 from unlearning.data.text import chunk_documents, is_text
 from unlearning.data.tokenize import encode_prompts, encode_qa_many, load_tokenizer, train_tokenizer
 from unlearning.errors import raise_if, warn
@@ -168,7 +168,7 @@ def prepare(cfg: ExperimentConfig) -> PreparedData:
         "seed": cfg.data_seed,
         "counts": {split: len(rows) for split, rows in encoded.items()},
         "documents": {split: len(rows) for split, rows in records.items() if is_text(rows)},  # text: counts are chunks
-        "choice_splits": sorted(split for split, rows in records.items() if rows and rows[0].get("choices")),
+        "choice_splits": sorted(split for split, rows in records.items() if is_choice(rows)),
         "entities": {split: len({r.get("entity") for r in rows} - {None}) for split, rows in records.items()},
         "truncated_answers": truncated,
     })

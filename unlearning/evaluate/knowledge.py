@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from unlearning.evaluate.metrics import METRICS, EvalInputs, Value, _mean, rouge_l
-from unlearning.evaluate.probes import Scores, SplitProbes
+from unlearning.evaluate.metrics import METRICS, EvalInputs, Value, _mean, own_loglikelihood, rouge_l
+from unlearning.evaluate.probes import SplitProbes
 
 
 @METRICS.register("knowmem")
@@ -24,10 +24,7 @@ def knowmem(x: EvalInputs) -> dict[str, Value]:
 def option_loglikelihoods(p: SplitProbes) -> list[np.ndarray]:
     """Per multiple-choice item, the summed log-likelihood of each option's own tokens (no EOS) after the
     question, in the options' order: what lm-evaluation-harness's `loglikelihood` requests return."""
-    def own(s: Scores) -> np.ndarray:
-        return np.array([t.sum() for t in s.without_eos("token_logp")])
-
-    right, others = own(p.answer), [own(s) for s in p.perturbed or []]
+    right, others = own_loglikelihood(p.answer), [own_loglikelihood(s) for s in p.perturbed or []]
     out = []
     for i, index in enumerate(p.answer_index or []):
         lls = [o[i] for o in others]

@@ -69,11 +69,14 @@ def choice_accuracy(answer: Scores, perturbed: Sequence[Scores]) -> np.ndarray:
     perturbed answer's, else 0.0: lm-evaluation-harness's multiple-choice `acc` with the perturbed answers as the
     wrong options (a tie counts as wrong). Unlike the choice probability it neither averages over tokens nor
     scores the end of the turn, which a chat model rarely puts right after a bare name. (N,)"""
-    def own(s: Scores) -> np.ndarray:
-        return np.array([t.sum() for t in s.without_eos("token_logp")])
+    wrong = np.stack([own_loglikelihood(s) for s in perturbed], axis=1).max(axis=1)
+    return (own_loglikelihood(answer) > wrong).astype(np.float64)
 
-    wrong = np.stack([own(s) for s in perturbed], axis=1).max(axis=1)
-    return (own(answer) > wrong).astype(np.float64)
+
+def own_loglikelihood(s: Scores) -> np.ndarray:
+    """(N,) each answer's summed log-likelihood over its own tokens, without the EOS the encoder appends: what
+    lm-evaluation-harness's `loglikelihood` request scores for an option."""
+    return np.array([t.sum() for t in s.without_eos("token_logp")])
 
 
 def ks_pvalue(a: np.ndarray, b: np.ndarray) -> float:
@@ -219,8 +222,10 @@ def split_truth_ratio(p: SplitProbes) -> np.ndarray | None:
 
 def scored_as_choice(p: SplitProbes, split: str) -> bool:
     """Whether a split's answer is scored against its perturbed answers as a choice (TOFU's real-authors and
-    world-facts sets, and any further evaluation set with perturbed answers) rather than on its own."""
-    return not split.startswith(("forget", "retain", "holdout")) and bool(p.perturbed)
+    world-facts sets, and any further evaluation set with perturbed answers) rather than on its own. A
+    multiple-choice split is not: its `_acc` / `_acc_norm` (`knowledge.py`) follow lm-evaluation-harness's order
+    of options and its rule for ties, which `choice_accuracy` does not."""
+    return not split.startswith(("forget", "retain", "holdout")) and bool(p.perturbed) and p.choices is None
 
 
 def utility_probability(p: SplitProbes, split: str) -> np.ndarray:

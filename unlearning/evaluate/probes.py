@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from unlearning.data.encoders import QAEncoder
+from unlearning.data.loaders import is_choice
 from unlearning.data.text import is_text
 from unlearning.data.tokenize import collate
 from unlearning.methods.answers import answer_logprobs_of, kept_logits
@@ -265,8 +266,8 @@ def probe_split(model: Any, rows: Sequence[dict[str, Any]], encoder: QAEncoder, 
                         show_progress=show_progress)
 
     para_q = plan["para_question"] is not None
-    if rows and rows[0].get("choices"):  # multiple choice: the options' likelihoods are the probe, no generation
-        generations = False
+    choice = is_choice(rows)  # multiple choice: the options' likelihoods are the probe, nothing is generated
+    generations = generations and not choice
     return SplitProbes(
         answer=scores.take(plan["answer"]),
         answers=[r["answer"] for r in rows],
@@ -276,8 +277,8 @@ def probe_split(model: Any, rows: Sequence[dict[str, Any]], encoder: QAEncoder, 
         para_question=scores.take(plan["para_question"]) if para_q else None,
         para_generation=gen("paraphrased_question") if generations and para_q else None,
         label_texts=label_texts(tokenizer, [seqs[i] for i in plan["answer"]]),
-        choices=[list(r["choices"]) for r in rows] if rows and rows[0].get("choices") else None,
-        answer_index=[int(r["answer_index"]) for r in rows] if rows and rows[0].get("choices") else None,
+        choices=[list(r["choices"]) for r in rows] if choice else None,
+        answer_index=[int(r["answer_index"]) for r in rows] if choice else None,
     )
 
 
