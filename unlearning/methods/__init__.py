@@ -47,10 +47,6 @@ class Read:
     kind: str  # a key of KINDS
     model: str = ""  # a key of MODELS
 
-    @property
-    def reference(self) -> bool:
-        return self.model == "ref"
-
 
 def parse_read(name: str) -> Read | None:
     """The `Read` a parameter name stands for (`ref_retain_hidden` → retain, hidden, reference), or None.

@@ -166,8 +166,7 @@ class AnswerTokens:
         logits of another model at the same positions of the same micro-batch (detached: it does not train)."""
         if fixed.logits.shape != self.logits.shape:
             raise ValueError(f"answer positions differ: {tuple(fixed.logits.shape)} vs {tuple(self.logits.shape)}")
-        p = F.log_softmax(fixed.logits.detach().float(), -1)
-        return (p.exp() * (p - F.log_softmax(self.logits.float(), -1))).sum(-1)
+        return kl_rows(fixed.logits.detach(), self.logits)
 
     def mean(self, values: torch.Tensor, keep: torch.Tensor | None = None, norm: torch.Tensor | None = None
              ) -> torch.Tensor:
@@ -257,10 +256,15 @@ def token_kl(
         A scalar: Σ_t KL_t · m_t / Σ_t m_t, where m_t marks positions whose next token is real.
     """
     mask = attention_mask[:, 1:].bool()  # (B, T-1): position t predicts a real token t+1
-    ref = F.log_softmax(ref_logits[:, :-1].float(), dim=-1)
-    cur = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    kl = (ref.exp() * (ref - cur)).sum(-1)  # (B, T-1)
+    kl = kl_rows(ref_logits[:, :-1], logits[:, :-1])  # (B, T-1)
     return (kl * mask).sum() / (mask.sum().clamp(min=1) if norm is None else norm)
+
+
+def kl_rows(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) of the distributions softmax(p_logits) and softmax(q_logits) along the last axis, in float32:
+    (..., V), (..., V) -> (...)."""
+    p = F.log_softmax(p_logits.float(), dim=-1)
+    return (p.exp() * (p - F.log_softmax(q_logits.float(), dim=-1))).sum(-1)
 
 
 def answer_token_count(labels: list[int]) -> int:
