@@ -72,17 +72,20 @@ def aux_role(splits: tuple[str, ...]) -> str:
     return "aux-" + "+".join(splits)
 
 
-def auxiliary_roles(cfg: ExperimentConfig) -> dict[str, dict[str, str]]:
-    """Run label → (the method's name for it → role) of every trained run whose method needs auxiliary models."""
-    from unlearning.config import trained_runs
+def method_auxiliary(method: Any) -> dict[str, str]:
+    """The auxiliary models a configured method (a `MethodConfig`) needs: its name for each → role; {} for most."""
     from unlearning.methods import METHODS
 
-    out = {}
-    for label, run in trained_runs(cfg).items():
-        spec = METHODS.get(run.method.name).meta.get("auxiliary")
-        if spec is not None:
-            out[label] = {name: aux_role(splits) for name, splits in spec(run.method.params).items()}
-    return out
+    spec = METHODS.get(method.name).meta.get("auxiliary")
+    return {} if spec is None else {name: aux_role(splits) for name, splits in spec(method.params).items()}
+
+
+def auxiliary_roles(cfg: ExperimentConfig) -> list[str]:
+    """The roles of the auxiliary models every trained run of the config needs, each once, in order."""
+    from unlearning.config import trained_runs
+
+    return list(dict.fromkeys(role for run in trained_runs(cfg).values()
+                              for role in method_auxiliary(run.method).values()))
 
 
 def training_seed(cfg: ExperimentConfig) -> int:
@@ -290,7 +293,7 @@ def role_key(cfg: ExperimentConfig, prepared: PreparedData, role: str) -> str:
 def build_key(cfg: ExperimentConfig, prepared: PreparedData) -> str:
     """The build stage's key: each role's built-model key, or the identity of the checkpoint given for it, and
     the auxiliary models' keys where a method needs some."""
-    aux = sorted({role for roles in auxiliary_roles(cfg).values() for role in roles.values()})
+    aux = sorted(auxiliary_roles(cfg))
     return content_hash({role: model_identity(given) if (given := getattr(cfg.model, role)) else
                          role_key(cfg, prepared, role) for role in ("target", "oracle")},
                         *([{role: role_key(cfg, prepared, role) for role in aux}] if aux else []))
@@ -311,7 +314,7 @@ def build_models(cfg: ExperimentConfig, prepared: PreparedData | None = None) ->
             paths[role] = Path(checkpoint_dir(given))
             continue
         paths[role], built[role] = built_model(cfg, prepared, role)
-    aux = {role: built_model(cfg, prepared, role) for roles in auxiliary_roles(cfg).values() for role in roles.values()}
+    aux = {role: built_model(cfg, prepared, role) for role in auxiliary_roles(cfg)}
     built.update({role: info for role, (_, info) in aux.items()})
 
     start = time.perf_counter()
@@ -326,10 +329,15 @@ def build_models(cfg: ExperimentConfig, prepared: PreparedData | None = None) ->
     return BuiltModels(paths["target"], paths["oracle"], summary, {role: p for role, (p, _) in aux.items()})
 
 
+def model_dir(cfg: ExperimentConfig, prepared: PreparedData, role: str) -> Path:
+    """Where the model of `role` built by the recipe is kept (named by `role_key`), built or not."""
+    return cfg.out / "models" / f"{role}-{role_key(cfg, prepared, role)}"
+
+
 def built_model(cfg: ExperimentConfig, prepared: PreparedData, role: str) -> tuple[Path, dict[str, Any]]:
     """The model of `role` fine-tuned from the base by the recipe (built now, or found built): its directory
     and its build record (`cached`: whether it was there)."""
-    out = cfg.out / "models" / f"{role}-{role_key(cfg, prepared, role)}"
+    out = model_dir(cfg, prepared, role)
     if not (out / "build.json").is_file():
         with building(out):  # the same model wanted by a concurrent run: built once, the other waits
             if not (out / "build.json").is_file():

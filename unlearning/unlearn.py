@@ -26,9 +26,10 @@ from unlearning.hashing import content_hash
 from unlearning.methods import METHODS, in_context
 from unlearning.models import (
     BuiltModels,
-    auxiliary_roles,
     build_models,
     built_model,
+    method_auxiliary,
+    model_dir,
     model_identity,
     probabilities,
     role_key,
@@ -196,47 +197,46 @@ def forget_finetune(cfg: ExperimentConfig, *, lr: float, max_steps: int, lora: b
 
 def run_key(cfg: ExperimentConfig, target: str, prepared: PreparedData) -> str:
     """Everything the unlearned weights depend on (the auxiliary models by their build keys)."""
-    aux = {name: role_key(cfg, prepared, role) for name, role in auxiliary_roles(cfg).get("unlearned", {}).items()}
+    aux = {name: role_key(cfg, prepared, role) for name, role in method_auxiliary(cfg.method).items()}
     return content_hash(UNLEARN_VERSION, model_identity(target), prepared.fingerprint, cfg.method.model_dump(),
                         cfg.train.model_dump(exclude=RUN_SETTINGS),
                         world_size(cfg), cfg.seed, cfg.model.dtype, cfg.data.template.model_dump(),
                         *([aux] if aux else []))
 
 
-def job_spec(cfg: ExperimentConfig, target: str, prepared: PreparedData, auxiliary: Mapping[str, Path] | None = None,
-             ) -> tuple[Path, dict[str, Any]]:
-    """The run directory of this unlearning run and the spec its ranks read; `auxiliary`: the method's models
-    (its name for each → checkpoint), where it has some."""
+def job_spec(cfg: ExperimentConfig, target: str, prepared: PreparedData) -> tuple[Path, dict[str, Any]]:
+    """The run directory of this unlearning run and the spec its ranks read (with the method's live auxiliary
+    model, where it has one: built by `build_models`, or before the launch by `unlearn_many`)."""
     run_dir = cfg.out / "unlearn" / f"{cfg.method.name}-{run_key(cfg, target, prepared)}"
     alternatives = alternatives_path(cfg, target, prepared)
     # LoRA starts at B = 0, so its starting model is the target itself and shares the cache.
     ref_key = content_hash(model_identity(target), prepared.fingerprint, cfg.seed, cfg.train.bf16,
                            *([alternatives.stem] if alternatives else []))
     config = cfg.model_copy(update={"methods": []}).to_dict()  # the ranks run this one method
-    constants = constants_path(cfg, target, prepared, auxiliary or {})
+    constants = constants_path(cfg, target, prepared)
+    aux = method_auxiliary(cfg.method).get("aux")
     return run_dir, {"config": config, "target": target, "data": str(prepared.path),
                      "data_fingerprint": prepared.fingerprint, "run_dir": str(run_dir),
                      "ref_cache": str(cfg.out / "reference" / f"{ref_key}.safetensors"),
                      "alternatives": str(alternatives) if alternatives else None,
-                     "aux": str(auxiliary["aux"]) if auxiliary and "aux" in auxiliary else None,
+                     "aux": str(model_dir(cfg, prepared, aux)) if aux else None,
                      "constants": str(constants) if constants else None}
 
 
-def constants_path(cfg: ExperimentConfig, target: str | Path, prepared: PreparedData,
-                   auxiliary: Mapping[str, Path]) -> Path | None:
+def constants_path(cfg: ExperimentConfig, target: str | Path, prepared: PreparedData) -> Path | None:
     """Where the per-item constants of a method that reads them (KGA) are kept: keyed by the target, the
-    auxiliary models, the data, the seed and the method's parameters. None for other methods."""
+    auxiliary models' build keys, the data, the seed and the method's parameters. None for other methods."""
     if not needs(cfg.method)["const"]:
         return None
-    key = content_hash(model_identity(target), {k: model_identity(p) for k, p in sorted(auxiliary.items())},
-                       prepared.fingerprint, cfg.seed, cfg.method.model_dump())
+    aux = {name: role_key(cfg, prepared, role) for name, role in sorted(method_auxiliary(cfg.method).items())}
+    key = content_hash(model_identity(target), aux, prepared.fingerprint, cfg.seed, cfg.method.model_dump())
     return cfg.out / "constants" / f"{cfg.method.name}-{key}.safetensors"
 
 
-def write_constants(cfg: ExperimentConfig, target: str | Path, prepared: PreparedData,
-                    auxiliary: Mapping[str, Path], path: Path) -> None:
+def write_constants(cfg: ExperimentConfig, target: str | Path, prepared: PreparedData, path: Path) -> None:
     """Compute a method's per-item constants (`constants` of its registration) from the target and its
-    auxiliary models, once, before the launch."""
+    auxiliary models (built here if they are not yet), once, before the launch; the live `aux` model is the
+    ranks' and is not loaded."""
     if path.is_file():
         return
     import torch
@@ -250,7 +250,9 @@ def write_constants(cfg: ExperimentConfig, target: str | Path, prepared: Prepare
         return load_causal_lm(p, cfg.model.dtype, cfg.model.trust_remote_code).to(device).eval()
 
     fn = METHODS.get(cfg.method.name).meta["constants"]
-    values = fn(load(target), {name: load(p) for name, p in auxiliary.items() if name != "aux"},
+    models = {name: load(built_model(cfg, prepared, role)[0]) for name, role in method_auxiliary(cfg.method).items()
+              if name != "aux"}
+    values = fn(load(target), models,
                 prepared.splits(), pad_id=prepared.tokenizer().pad_token_id, batch_size=cfg.eval.batch_size,
                 seed=cfg.seed, **cfg.method.params)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -346,10 +348,7 @@ def unlearn_many(cfgs: Mapping[str, ExperimentConfig], *, prepared: PreparedData
         # The built models' probabilities are on their own data: reused when the run's data is that.
         same_data = models.summary.get("data") == str(data[label].path)
         target_probs[label] = models.summary["probability"]["target"] if same_data else None
-    auxiliary = {label: {name: built_model(cfg, data[label], role)[0] for name, role in roles.items()}
-                 for label, cfg in cfgs.items() if (roles := auxiliary_roles(cfg).get("unlearned"))}
-    jobs = {label: job_spec(cfg, str(targets[label]), data[label], auxiliary.get(label))
-            for label, cfg in cfgs.items()}
+    jobs = {label: job_spec(cfg, str(targets[label]), data[label]) for label, cfg in cfgs.items()}
     pending = [label for label, (run_dir, _) in jobs.items() if not (run_dir / "run_summary.json").is_file()]
     groups: dict[tuple[Any, ...], list[str]] = {}
     for label in pending:
@@ -358,9 +357,10 @@ def unlearn_many(cfgs: Mapping[str, ExperimentConfig], *, prepared: PreparedData
         for label in labels:
             if jobs[label][1]["alternatives"]:
                 write_alternatives(cfgs[label], targets[label], data[label], Path(jobs[label][1]["alternatives"]))
+            for role in method_auxiliary(cfgs[label].method).values():  # found built by build_models, mostly
+                built_model(cfgs[label], data[label], role)
             if jobs[label][1]["constants"]:
-                write_constants(cfgs[label], targets[label], data[label], auxiliary[label],
-                                Path(jobs[label][1]["constants"]))
+                write_constants(cfgs[label], targets[label], data[label], Path(jobs[label][1]["constants"]))
             jobs[label][0].mkdir(parents=True, exist_ok=True)
             (jobs[label][0] / "config.yaml").write_text(dump_yaml(cfgs[label]))
         launch(cfgs[labels[0]], [(jobs[label][1], jobs[label][0]) for label in labels])

@@ -19,9 +19,8 @@ from tests.integration.unlearn_ranks import launch_specs
 from unlearning.config import validate_config
 from unlearning.data.pairing import refusal_rows
 from unlearning.evaluate.probes import answer_logprobs
-from unlearning.models import auxiliary_roles, build_models, load_causal_lm
+from unlearning.models import build_models, load_causal_lm, method_auxiliary
 from unlearning.stages import prepare
-from unlearning.train.objective import needs
 from unlearning.unlearn import job_spec, write_alternatives, write_constants
 
 pytestmark = pytest.mark.distributed
@@ -50,7 +49,7 @@ class Jobs:
         # KGA's A_f and A_n, by the target's recipe (the build stage finds the target and oracle built).
         kga = validate_config(pico_raw(out, model={"finetune": MEMORISE}, method={"name": "kga"}))
         built = build_models(kga)
-        self.auxiliary = {name: built.auxiliary[role] for name, role in auxiliary_roles(kga)["unlearned"].items()}
+        self.auxiliary = {name: built.auxiliary[role] for name, role in method_auxiliary(kga.method).items()}
         self.runs: dict[str, Path] = {}
         self.bound = self.floor = 0.0
 
@@ -62,12 +61,11 @@ class Jobs:
     def launch(self, nproc: int, jobs: dict[str, Any]) -> None:
         specs = []
         for name, cfg in jobs.items():
-            aux = self.auxiliary if needs(cfg.method)["aux_model"] else None
-            run_dir, spec = job_spec(cfg, self.target, self.prepared, aux)
+            run_dir, spec = job_spec(cfg, self.target, self.prepared)
             if spec["alternatives"]:
                 write_alternatives(cfg, self.target, self.prepared, Path(spec["alternatives"]))
             if spec["constants"]:
-                write_constants(cfg, self.target, self.prepared, self.auxiliary, Path(spec["constants"]))
+                write_constants(cfg, self.target, self.prepared, Path(spec["constants"]))
             self.runs[name] = run_dir
             specs.append(spec)
         launch_specs(specs, nproc, self.out / f"specs-{nproc}-{len(self.runs)}.json")
@@ -289,7 +287,8 @@ def test_the_holdout_match_stops_when_the_forget_set_looks_unseen_and_snapshots_
 def test_kga_constants_are_each_forget_items_paired_new_data_gap(jobs):
     """The constant of forget item i is KL(A_n ‖ A_D) averaged over the answer tokens of holdout item order[i],
     order a seeded permutation: recomputed here from the full logits of both models, one row at a time."""
-    spec = job_spec(jobs.config({"name": "kga"}), jobs.target, jobs.prepared, jobs.auxiliary)[1]
+    spec = job_spec(jobs.config({"name": "kga"}), jobs.target, jobs.prepared)[1]
+    assert spec["aux"] == str(jobs.auxiliary["aux"])  # the model the build stage made
     constants = load_file(spec["constants"])["const"]
     splits = jobs.prepared.splits()
     holdout = list(splits["holdout"])
